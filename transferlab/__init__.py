@@ -1,0 +1,26 @@
+"""transferlab: transfer learning on image folders.
+
+    import transferlab as tl
+    run = tl.train("photos/", backbone="tf_efficientnet_lite0", strategy="two-stage", out="runs/first")
+    run.predict(["new.jpg"])
+"""
+
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import TransferlabError
+from .runs import Run
+
+__all__ = ["TrainConfig", "TransferlabError", "Run", "train", "load"]
+
+
+def train(data: str | Path, out: str | Path | None = None, overwrite: bool = False, **options) -> Run:
+    """Train on a folder of class sub-folders (or a named dataset); options are TrainConfig fields."""
+    from .training import train as _train
+
+    return _train(TrainConfig(data=str(data), **options), out, overwrite=overwrite)
+
+
+def load(path: str | Path) -> Run:
+    """A saved run, ready to `evaluate(folder)` and `predict(paths)`."""
+    return Run.load(path)

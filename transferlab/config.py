@@ -1,0 +1,80 @@
+"""The one dataclass that describes a training run; saved as config.json in every run directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .data import AUGMENTATIONS, DEFAULT_MAX_PIXELS
+from .errors import TransferlabError
+from .model import HEADS
+from .strategies import STRATEGIES
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    val: str | None = None
+    val_split: float = 0.2
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    strategy: str = "two-stage"
+    unfreeze_blocks: int | None = 1  # last N blocks for partial and two-stage; None = all
+    epochs: int = 10
+    head_epochs: int | None = None  # two-stage stage one; None = same as epochs (early stopping ends it)
+    patience: int = 3  # early stopping on validation loss; 0 = off
+    batch_size: int = 32
+    image_size: int | None = None  # None = the backbone's pretrained size
+    augment: str = "none"
+    head: str = "gap"
+    dropout: float = 0.2
+    lr: float | None = None  # head learning rate; None = strategy default
+    backbone_lr: float | None = None
+    lr_decay: float = 1.0
+    train_bn: bool = False  # BatchNorm statistics update in trained blocks (always on for scratch)
+    seed: int = 0
+    cache: bool = True
+    cache_views: int = 2  # augmented views cached per image when augment != none
+    cache_dir: str | None = None  # None = $TRANSFERLAB_CACHE or ~/.cache/transferlab/features
+    cache_ram_gb: float = 4.0
+    bf16: bool = True
+    channels_last: bool = True
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
+            (self.epochs >= 1, f"--epochs must be a positive number, got {self.epochs}"),
+            (self.head_epochs is None or self.head_epochs >= 1, "--head-epochs must be a positive number"),
+            (self.patience >= 0, "--patience must be 0 (off) or more"),
+            (self.batch_size >= 1, "--batch-size must be a positive number"),
+            (self.image_size is None or self.image_size >= 32, "--image-size must be at least 32"),
+            (self.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}"),
+            (self.head in HEADS, f"--head must be one of {', '.join(HEADS)}"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (0 < self.val_split < 1, "--val-split must be between 0 and 1"),
+            (self.cache_views >= 1, "--cache-views must be a positive number"),
+            (self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "--unfreeze-blocks must be positive or 'all'"),
+            (all(x is None or x > 0 for x in (self.lr, self.backbone_lr)), "learning rates must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TransferlabError(message)
+        if self.strategy == "scratch":
+            self.weights = "none"
+
+    @property
+    def bn_frozen(self) -> bool:
+        return not self.train_bn and self.strategy != "scratch"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,320 @@
+"""Image folders: find images, decode them safely, skip bad files with a reason, split, transform.
+
+Nothing here writes to the user's folder: files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import urllib.request
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from sklearn.model_selection import train_test_split
+from torchvision.transforms import v2
+
+from .errors import TransferlabError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+AUGMENTATIONS = ("none", "light", "standard")
+NAMED_DATASETS = {
+    "cats-vs-dogs": "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip",
+}
+
+
+class BadImage(Exception):
+    """A file that looks like an image but cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageSet:
+    """Labelled image files under `root`; `files` are absolute, `skipped` paths relative to `root`."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: list[int]
+    skipped: list[Skipped] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def counts(self) -> dict[str, int]:
+        return {c: self.labels.count(i) for i, c in enumerate(self.classes)}
+
+    def subset(self, indices) -> ImageSet:
+        return ImageSet(
+            self.root,
+            self.classes,
+            [self.files[i] for i in indices],
+            [self.labels[i] for i in indices],
+            [],
+            [self.digests[i] for i in indices] if self.digests else [],
+        )
+
+    def summary(self) -> dict:
+        return {
+            "classes": self.classes,
+            "counts": self.counts(),
+            "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+        }
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone wants its input: resize the short side to `resize`, centre-crop `size`, normalise."""
+
+    size: int
+    resize: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def is_candidate(path: Path) -> bool:
+    """An image by its extension, and not hidden or OS junk (.DS_Store, Thumbs.db, AppleDouble `._*`)."""
+    name = path.name
+    return (
+        not name.startswith(".")
+        and name.lower() not in JUNK_NAMES
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float grey rescaled, transparency composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray((arr >> 8 if arr.max() > 255 else arr).clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode `path` fully to upright RGB, or raise BadImage with a short reason.
+
+    `draft` lets JPEG decode at a reduced scale that still covers `draft` pixels per side (much faster for
+    photos far larger than the network input).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file")
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise BadImage(
+                    f"{width}x{height} pixels exceeds the decompression-bomb limit of {max_pixels:,} (--max-pixels)"
+                )
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb refused: {e}") from None
+    except Exception as e:  # Pillow raises many types for broken files; each one is a reason to skip
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadImage(f"cannot decode: {reason}") from None
+
+
+def _check(args: tuple[Path, int]) -> tuple[str | None, str]:
+    """(reason or None, sha1 of the bytes) for one file; runs in a worker process."""
+    path, max_pixels = args
+    try:
+        load_image(path, max_pixels)
+    except BadImage as e:
+        return str(e), ""
+    return None, hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _map(fn, items: list, workers: int) -> list:
+    if workers <= 1 or len(items) < 64:
+        return [fn(x) for x in items]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items, chunksize=32))
+
+
+def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         workers: int | None = None) -> ImageSet:
+    """Find and validate every image under `root/<class>/**`.
+
+    Classes are the sorted sub-folder names (or `classes`, to make a validation folder match training).
+    Each file is fully decoded once, so a broken file is skipped here with its reason rather than failing
+    a training run halfway.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TransferlabError(f"data folder not found: {root}")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif set(found) - set(classes):
+        raise TransferlabError(
+            f"{root} has classes {found} but the model was trained on {classes}"
+        )
+    if len(classes) < 2:
+        raise TransferlabError(f"{root} needs at least two class sub-folders of images, found {found or 'none'}")
+    candidates: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        for dirpath, dirnames, filenames in os.walk(folder) if folder.is_dir() else []:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            candidates += [(Path(dirpath) / f, label) for f in sorted(filenames) if is_candidate(Path(f))]
+    results = _map(_check, [(p, max_pixels) for p, _ in candidates], workers or os.cpu_count() or 1)
+    images = ImageSet(root, list(classes), [], [])
+    for (path, label), (reason, digest) in zip(candidates, results):
+        if reason:
+            images.skipped.append(Skipped(str(path.relative_to(root)), reason))
+        else:
+            images.files.append(path)
+            images.labels.append(label)
+            images.digests.append(digest)
+    return images
+
+
+def require_trainable(images: ImageSet, what: str = "training data") -> None:
+    empty = [c for c, n in images.counts().items() if n == 0]
+    if empty:
+        raise TransferlabError(f"{what} in {images.root} has no usable images for class(es): {', '.join(empty)}")
+
+
+def split(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Stratified, seeded train/validation split."""
+    if not 0 < fraction < 1:
+        raise TransferlabError(f"--val-split must be between 0 and 1, got {fraction}")
+    indices = np.arange(len(images))
+    try:
+        train_idx, val_idx = train_test_split(
+            indices, test_size=fraction, random_state=seed, stratify=images.labels
+        )
+    except ValueError as e:
+        raise TransferlabError(f"cannot split {images.root} for validation: {e}") from None
+    return images.subset(sorted(train_idx)), images.subset(sorted(val_idx))
+
+
+def duplicates(named: dict[str, ImageSet]) -> list[dict]:
+    """Byte-identical images that appear in more than one split (leakage that inflates validation scores)."""
+    seen: dict[str, tuple[str, Path]] = {}
+    found = []
+    for split_name, images in named.items():
+        for path, digest in zip(images.files, images.digests):
+            if digest in seen and seen[digest][0] != split_name:
+                found.append({"a": f"{seen[digest][0]}:{seen[digest][1]}", "b": f"{split_name}:{path}"})
+            seen.setdefault(digest, (split_name, path))
+    return found
+
+
+# ---------------------------------------------------------------- named datasets
+
+
+def data_dir() -> Path:
+    """Where named datasets live: $TRANSFERLAB_DATA, else ~/.cache/transferlab/data."""
+    return Path(os.environ.get("TRANSFERLAB_DATA", Path.home() / ".cache" / "transferlab" / "data"))
+
+
+def resolve(data: str) -> tuple[Path, Path | None]:
+    """A folder as given, or a dataset name -> (train folder, validation folder or None)."""
+    if data in NAMED_DATASETS and not Path(data).exists():
+        base = data_dir() / data
+        if not (base / "train").is_dir():
+            raise TransferlabError(
+                f"dataset {data!r} is not in {data_dir()}: run `transferlab data download {data}` "
+                "or set TRANSFERLAB_DATA to the folder that holds it"
+            )
+        return base / "train", (base / "validation") if (base / "validation").is_dir() else None
+    return Path(data), None
+
+
+def download(name: str) -> Path:
+    """Fetch a named dataset into the data dir (needs the network)."""
+    if name not in NAMED_DATASETS:
+        raise TransferlabError(f"unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)}")
+    target = data_dir() / name
+    if (target / "train").is_dir():
+        return target
+    url = NAMED_DATASETS[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    archive = target.parent / (name + ".download")
+    try:
+        urllib.request.urlretrieve(url, archive)
+    except OSError as e:
+        raise TransferlabError(
+            f"could not download {name} from {url} ({e.__class__.__name__}): connect to the internet, "
+            f"or put the images in {target}/{{train,validation}}/<class>/"
+        ) from None
+    tmp = target.parent / (name + ".partial")
+    opener = zipfile.ZipFile if zipfile.is_zipfile(archive) else tarfile.open
+    with opener(archive) as a:
+        a.extractall(tmp)
+    inner = next(p for p in tmp.rglob("train") if p.is_dir()).parent
+    inner.rename(target)
+    archive.unlink()
+    return target
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
+    """PIL image -> uint8 CHW tensor at the backbone's size; augmentation (training only) after the crop.
+
+    Normalisation is not here: the model owns its mean/std, so batches travel between processes as
+    uint8 (4x less to copy) and an exported model cannot be fed wrongly normalised images.
+    """
+    if augment not in AUGMENTATIONS:
+        raise TransferlabError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    interpolation = v2.InterpolationMode(pre.interpolation)
+    steps = [v2.PILToTensor(), v2.Resize(pre.resize, interpolation, antialias=True), v2.CenterCrop(pre.size)]
+    if augment in ("light", "standard"):
+        steps.append(v2.RandomHorizontalFlip())
+    if augment == "standard":  # what the Keras notebooks use: rotation 20 deg, zoom 10%, contrast 10%
+        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1), interpolation=interpolation),
+                  v2.ColorJitter(contrast=0.1)]
+    return v2.Compose(steps)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 image tensor, label) pairs; with `view` set, augmentation is seeded by (seed, view, index)
+    so that cached augmented views are reproducible."""
+
+    def __init__(self, images: ImageSet, pre: Preprocessing, augment: str = "none",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int | None = None, view: int = 0):
+        self.images, self.pre, self.max_pixels = images, pre, max_pixels
+        self.transform = transforms(pre, augment)
+        self.seed, self.view = seed, view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        im = load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
+        if self.seed is None:
+            return self.transform(im), self.images.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.view, i)) & 0x7FFFFFFF)
+            return self.transform(im), self.images.labels[i]

@@ -1,0 +1,168 @@
+"""Run directories: everything needed to rebuild and use a model, written atomically, read without pickle.
+
+    config.json        TrainConfig + what was derived from it (classes, blocks, preprocessing, weights, data)
+    model.safetensors  the classifier's tensors
+    history.csv        one row per epoch
+    metrics.json       final validation metrics
+    split.csv          which file was in which split, with its label
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from . import data, metrics
+from .config import TrainConfig
+from .errors import TransferlabError
+from .model import Classifier
+
+FORMAT = "transferlab-run/1"
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing directory unless asked, and never one that is not a transferlab run."""
+    occupied = any(path.iterdir()) if path.is_dir() else path.exists()
+    if occupied:
+        if not overwrite:
+            raise TransferlabError(f"{path} already exists; pass --overwrite to replace it")
+        if not (path / "config.json").is_file():
+            raise TransferlabError(f"{path} is not a transferlab run directory; refusing to overwrite it")
+
+
+@dataclass
+class Run:
+    """A trained classifier and its record; `transferlab.load(path)` gives one back."""
+
+    config: TrainConfig
+    info: dict
+    model: Classifier
+    history: list[dict]
+    metrics: dict
+    split: list[dict]
+    path: Path | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write every file into a fresh sibling folder, then swap it into place."""
+        path = Path(path)
+        check_writable(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.writing")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
+        (staging / "config.json").write_text(json.dumps(
+            {"format": FORMAT, "config": self.config.to_dict(), **self.info}, indent=2))
+        (staging / "history.csv").write_text(to_csv(self.history))
+        (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        (staging / "split.csv").write_text(to_csv(self.split))
+        if path.exists():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        from .training import build_model  # training imports runs; a run rebuilds through the same code path
+
+        path = Path(path)
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError("not a transferlab run")
+            config = TrainConfig.from_dict(meta["config"])
+            info = {k: v for k, v in meta.items() if k not in ("format", "config")}
+            state = load_file(str(path / "model.safetensors"))
+            history = list(csv.DictReader(io.StringIO((path / "history.csv").read_text())))
+            split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
+            run_metrics = json.loads((path / "metrics.json").read_text())
+            model = build_model(config, len(info["classes"]), load_weights=False).model
+            model.load_state_dict(state)
+        except TransferlabError:
+            raise
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TransferlabError(f"{path} is not a readable transferlab run ({reason})") from None
+        return cls(config, info, model.eval(), history, run_metrics, split, path)
+
+    # -------------------------------------------------------------- use
+
+    def _probs(self, images: data.ImageSet) -> np.ndarray:
+        from .training import image_loader, run_epoch
+
+        loader = image_loader(images, self.preprocessing, self.config)
+        return run_epoch(self.model, loader, 0, self.config, desc="predicting")[2].numpy()
+
+    @property
+    def preprocessing(self) -> data.Preprocessing:
+        return data.Preprocessing(**{**self.info["preprocessing"], "mean": tuple(self.info["preprocessing"]["mean"]),
+                                     "std": tuple(self.info["preprocessing"]["std"])})
+
+    def evaluate(self, folder: str | Path) -> dict:
+        """Metrics on a labelled folder whose class names match the training classes."""
+        images = data.scan(folder, classes=self.classes, max_pixels=self.config.max_pixels)
+        if not len(images):
+            raise TransferlabError(f"no usable images in {folder}")
+        result = metrics.evaluate(self._probs(images), np.array(images.labels), self.classes)
+        return result | {"skipped": [{"path": s.path, "reason": s.reason} for s in images.skipped]}
+
+    def predict(self, paths: list[str | Path], top_k: int = 3) -> list[dict]:
+        """Label and probability per image (top-k for multi-class); unreadable files get an `error`."""
+        files, rows = [], []
+        for p in map(Path, paths):
+            if p.is_dir():
+                files += sorted(f for f in p.rglob("*") if f.is_file() and data.is_candidate(f)
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            else:
+                files.append(p)
+        good = []
+        for f in files:
+            try:
+                data.load_image(f, self.config.max_pixels)
+                good.append(f)
+                rows.append({"path": str(f)})
+            except (data.BadImage, OSError) as e:
+                rows.append({"path": str(f), "error": str(e) if isinstance(e, data.BadImage) else "file not found"})
+        if good:
+            probs = iter(self._probs(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
+            for row in rows:
+                if "error" not in row:
+                    p = next(probs)
+                    order = np.argsort(-p)[: min(top_k, len(self.classes))]
+                    row |= {"label": self.classes[order[0]], "probability": float(p[order[0]]),
+                            "top": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
+        return rows
