@@ -120,6 +120,8 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | No
     `draft` lets JPEG decode at a reduced scale that still covers `draft` pixels per side (much faster for
     photos far larger than the network input).
     """
+    if not os.path.isfile(path):
+        raise BadImage("file not found")
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")

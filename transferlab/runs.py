@@ -155,8 +155,8 @@ class Run:
                 data.load_image(f, self.config.max_pixels)
                 good.append(f)
                 rows.append({"path": str(f)})
-            except (data.BadImage, OSError) as e:
-                rows.append({"path": str(f), "error": str(e) if isinstance(e, data.BadImage) else "file not found"})
+            except data.BadImage as e:
+                rows.append({"path": str(f), "error": str(e)})
         if good:
             probs = iter(self._probs(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
             for row in rows:

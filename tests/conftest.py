@@ -1,0 +1,54 @@
+"""Tiny synthetic image folders: classes that a small random-init model can tell apart in a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferlab as tl
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats-vs-dogs"
+
+
+def make_folder(root: Path, classes=("cats", "dogs"), per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """Class i is a bright blob on the left (i=0), right (i=1), top (i=2)... with noise, as JPEG/PNG files."""
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            half = size // 2
+            region = [(slice(None), slice(0, half)), (slice(None), slice(half, None)),
+                      (slice(0, half), slice(None)), (slice(half, None), slice(None))][i % 4]
+            a[region] += np.uint8(150 + 20 * (i // 4))
+            Image.fromarray(a).save(root / name / f"{name}_{j}.{'png' if j % 3 == 0 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own feature cache; nothing in the user's home is touched."""
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+
+
+TINY = dict(backbone="mobilenetv2_100", weights="none", image_size=32, batch_size=8, epochs=2, workers=0,
+            bf16=False, channels_last=False)
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """Options for a fast run: random-init MobileNetV2 at 32 px, in-process decoding, fp32."""
+    return dict(TINY)
+
+
+@pytest.fixture
+def trained(folder, tmp_path, tiny) -> tl.Run:
+    return tl.train(folder, out=tmp_path / "run", strategy="partial", **tiny)

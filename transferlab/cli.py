@@ -1,0 +1,215 @@
+"""The `transferlab` command: argument parsing and messages only; the work is the Python API's."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import MISSING, fields
+
+from .config import TrainConfig
+from .errors import TransferlabError
+
+HELP = {
+    "val": "validation folder with the same class sub-folders (default: --val-split of --data)",
+    "val_split": "fraction of --data held out for validation, stratified and seeded (default 0.2)",
+    "backbone": "timm model name; see `transferlab backbones` (default tf_efficientnet_lite0)",
+    "weights": "imagenet (default), none (random init) or a state-dict file",
+    "strategy": "feature-extraction | partial | full | two-stage (default) | scratch",
+    "unfreeze_blocks": "blocks trained by partial and two-stage, counted from the top, or 'all' (default 1)",
+    "epochs": "maximum epochs (of each stage's second part for two-stage) (default 10)",
+    "head_epochs": "two-stage: maximum head-only epochs before unfreezing (default: --epochs)",
+    "patience": "stop after this many epochs without a lower validation loss; 0 = off (default 3)",
+    "batch_size": "images per step (default 32)",
+    "image_size": "input size in pixels (default: the backbone's pretrained size)",
+    "augment": "training augmentation: none (default), light (flip), standard (flip, rotate 20, zoom 10%%, contrast 10%%)",
+    "head": "gap (pool, dropout, linear; default) or flatten (dense 256, the VGG16 notebooks' head)",
+    "dropout": "dropout before the head's last layer (default 0.2)",
+    "lr": "learning rate of the new head (default 1e-3)",
+    "backbone_lr": "learning rate of unfrozen pretrained blocks (default 3e-5; 1e-3 for scratch)",
+    "lr_decay": "factor applied per block going down from the top, for discriminative rates (default 1)",
+    "train_bn": "let BatchNorm statistics update in trained blocks (default: frozen, as in Keras' recipe)",
+    "seed": "random seed for split, init, shuffling and augmentation (default 0)",
+    "cache": "compute each frozen prefix once and train on cached features (default on)",
+    "cache_views": "augmented views cached per training image when --augment is not none (default 2)",
+    "cache_dir": "where cached features persist (default $TRANSFERLAB_CACHE or ~/.cache/transferlab/features)",
+    "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir (default 4)",
+    "bf16": "bfloat16 autocast (default on)",
+    "channels_last": "channels-last memory format (default on)",
+    "workers": "image decoding processes (default: CPU count, at most 4)",
+    "max_pixels": "images with more pixels are refused as decompression bombs (default 89,478,485)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise TransferlabError(f"{message} (see `{self.prog} --help`)")
+
+
+def _unfreeze(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (booleans that default on become --no-X); unset flags keep the defaults."""
+    for f in fields(TrainConfig):
+        if f.name == "data" or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            parser.add_argument(flag if not default else "--no-" + flag[2:], dest=f.name, help=HELP[f.name],
+                                action="store_false" if default else "store_true", default=argparse.SUPPRESS)
+            continue
+        kind = _unfreeze if f.name == "unfreeze_blocks" else {"int": int, "float": float}.get(
+            f.type.split(" ")[0], str)
+        parser.add_argument(flag, dest=f.name, type=kind, help=HELP[f.name], default=argparse.SUPPRESS)
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="transferlab", description="Transfer learning on folders of labelled images.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train a classifier and save a run directory")
+    train.add_argument("--data", required=True, help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
+    add_config_flags(train)
+    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a saved run on a labelled folder")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    predict = commands.add_parser("predict", help="label new images with a saved run")
+    predict.add_argument("run_dir")
+    predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image for multi-class models")
+    fmt = predict.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+
+    data_cmd = commands.add_parser("data", help="inspect or download datasets")
+    data_sub = data_cmd.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    check = data_sub.add_parser("check", help="classes, counts, and the files that would be skipped and why")
+    check.add_argument("folder")
+    check.add_argument("--json", action="store_true")
+    download = data_sub.add_parser("download", help="fetch a named dataset (needs the network)")
+    download.add_argument("name")
+
+    listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
+    listing.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    run = train(config_from(args), args.out, overwrite=args.overwrite)
+    m = run.metrics
+    print(f"{run.config.strategy} on {run.config.backbone}: val accuracy {m['accuracy']:.4f}, f1 {m['f1']:.4f}, "
+          f"loss {m['log_loss']:.4f} (best epoch {run.info['best_epoch']}, {run.info['train_seconds']:.1f}s) -> {run.path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .runs import Run
+
+    result = Run.load(args.run_dir).evaluate(args.data)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key in ("n_images", "accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"):
+        value = result[key]
+        print(f"{key:>10}: {value:.4f}" if isinstance(value, float) else f"{key:>10}: {value}")
+    print(f"{'confusion':>10}: {result['confusion_matrix']} (rows true {', '.join(result['classes'])})")
+    for s in result["skipped"]:
+        print(f"   skipped: {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .runs import Run
+
+    rows = Run.load(args.run_dir).predict(args.paths, args.top_k)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "label", "probability", "error"])
+        writer.writerows([r["path"], r.get("label", ""), r.get("probability", ""), r.get("error", "")] for r in rows)
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['path']}\terror: {r['error']}")
+            else:
+                others = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:]) if len(r["top"]) > 2 else ""
+                print(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}\t{others}".rstrip())
+    return 0 if any("error" not in r for r in rows) else 1
+
+
+def cmd_data(args) -> int:
+    from . import data
+
+    if args.data_command == "download":
+        print(f"downloaded to {data.download(args.name)}")
+        return 0
+    images = data.scan(args.folder)
+    summary = images.summary()
+    summary["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in summary["skipped"]]
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{len(images)} usable images in {len(images.classes)} classes: "
+          + ", ".join(f"{c} {n}" for c, n in summary["counts"].items()))
+    for s in images.skipped:
+        print(f"skipped {s.path}: {s.reason}")
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import LISTED, describe
+
+    rows = [describe(name) for name in LISTED]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':<24}{'blocks':>7}{'params':>10}  imagenet offline  blocks")
+    for r in rows:
+        print(f"{r['name']:<24}{len(r['blocks']):>7}{r['params'] / 1e6:>9.1f}M  {'yes' if r['imagenet_offline'] else 'no':<17} "
+              + " ".join(r["blocks"]))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
+            "backbones": cmd_backbones}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except TransferlabError as e:
+        print(f"transferlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
