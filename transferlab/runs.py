@@ -121,7 +121,8 @@ class Run:
 
     # -------------------------------------------------------------- use
 
-    def _probs(self, images: data.ImageSet) -> np.ndarray:
+    def probabilities(self, images: data.ImageSet) -> np.ndarray:
+        """[images, classes] probabilities from the full model (decoded afresh, no cache)."""
         from .training import image_loader, run_epoch
 
         loader = image_loader(images, self.preprocessing, self.config)
@@ -137,7 +138,7 @@ class Run:
         images = data.scan(folder, classes=self.classes, max_pixels=self.config.max_pixels)
         if not len(images):
             raise TransferlabError(f"no usable images in {folder}")
-        result = metrics.evaluate(self._probs(images), np.array(images.labels), self.classes)
+        result = metrics.evaluate(self.probabilities(images), np.array(images.labels), self.classes)
         return result | {"skipped": [{"path": s.path, "reason": s.reason} for s in images.skipped]}
 
     def predict(self, paths: list[str | Path], top_k: int = 3) -> list[dict]:
@@ -158,7 +159,7 @@ class Run:
             except data.BadImage as e:
                 rows.append({"path": str(f), "error": str(e)})
         if good:
-            probs = iter(self._probs(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
+            probs = iter(self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
             for row in rows:
                 if "error" not in row:
                     p = next(probs)
