@@ -111,11 +111,11 @@ class Built:
 
 
 def build_model(config: TrainConfig, num_classes: int, load_weights: bool = True) -> Built:
-    """Backbone blocks + a fresh head (seeded); weights loaded unless rebuilding a saved run."""
+    """Backbone blocks + a fresh head, seeded (a random-init backbone too); weights loaded unless rebuilding."""
+    torch.manual_seed(config.seed)
     backbone, timm_model = backbones.create(config.backbone, config.image_size)
     pre = backbones.preprocessing(backbone.pretrained_cfg, config.image_size)
     source = weights.load(timm_model, config.backbone, config.weights) if load_weights else config.weights
-    torch.manual_seed(config.seed)
     head = make_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
     model = Classifier(backbone.blocks, head, pre).to(device())
     if config.channels_last:
@@ -131,18 +131,23 @@ def _to_device(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The training order of an epoch: the same with or without the cache, and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
 def image_loader(images: ImageSet, pre: Preprocessing, config: TrainConfig, augment: str = "none",
-                 shuffle_seed: int | None = None, view: int | None = None) -> torch.utils.data.DataLoader:
+                 order: list[int] | None = None, view: int | None = None) -> torch.utils.data.DataLoader:
     """Decode and resize in worker processes; uint8 batches (normalisation happens in the model).
 
-    `view` seeds augmentation per (seed, view, image) so a cached view is reproducible.
+    `view` seeds augmentation per (seed, view, image) so a cached view is reproducible. The loader gets its
+    own generator so that it never draws from (and shifts) the global RNG that dropout uses.
     """
     workers = config.workers if config.workers is not None else min(os.cpu_count() or 1, 4)
     dataset = data.ImageDataset(images, pre, augment, config.max_pixels,
                                 seed=None if view is None else config.seed, view=view or 0)
-    generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=shuffle_seed is not None, generator=generator,
+        dataset, batch_size=config.batch_size, sampler=order, generator=torch.Generator().manual_seed(config.seed),
         num_workers=workers, prefetch_factor=4 if workers else None,
     )
 
@@ -156,8 +161,8 @@ class ImageFeed:
         self.splits, self.pre, self.config = splits, pre, config
 
     def train(self, epoch: int) -> Iterable:
-        return image_loader(self.splits.train, self.pre, self.config, self.config.augment,
-                            shuffle_seed=self.config.seed + epoch)
+        order = epoch_order(len(self.splits.train), self.config.seed, epoch)
+        return image_loader(self.splits.train, self.pre, self.config, self.config.augment, order)
 
     def val(self) -> Iterable:
         return image_loader(self.splits.val, self.pre, self.config)
@@ -171,17 +176,17 @@ class CachedFeed:
         self.start, self.views, self.val_features, self.config = start, views, val, config
         self.labels, self.val_labels = torch.tensor(labels), torch.tensor(val_labels)
 
-    def _batches(self, features: np.ndarray, labels: torch.Tensor, order: torch.Tensor) -> Iterator:
+    def _batches(self, features: np.ndarray, labels: torch.Tensor, order: list[int]) -> Iterator:
         for i in range(0, len(order), self.config.batch_size):
-            idx = order[i:i + self.config.batch_size].numpy()
+            idx = order[i:i + self.config.batch_size]
             yield torch.from_numpy(features[idx]).float(), labels[idx]
 
     def train(self, epoch: int) -> Iterator:
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        order = epoch_order(len(self.labels), self.config.seed, epoch)
         return self._batches(self.views[epoch % len(self.views)], self.labels, order)
 
     def val(self) -> Iterator:
-        return self._batches(self.val_features, self.val_labels, torch.arange(len(self.val_labels)))
+        return self._batches(self.val_features, self.val_labels, list(range(len(self.val_labels))))
 
 
 class Features:
