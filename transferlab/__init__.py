@@ -7,6 +7,7 @@
 
 from pathlib import Path
 
+from .compare import compare
 from .config import TrainConfig
 from .errors import TransferlabError
 from .runs import Run

@@ -108,6 +108,15 @@ def build_parser() -> Parser:
     download = data_sub.add_parser("download", help="fetch a named dataset (needs the network)")
     download.add_argument("name")
 
+    compare = commands.add_parser("compare", help="train several strategies on the same data and report the difference")
+    compare.add_argument("--data", required=True, help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
+    compare.add_argument("--strategies", required=True,
+                         help="comma-separated, e.g. feature-extraction,partial,full,two-stage,scratch")
+    compare.add_argument("--test", help="held-out labelled folder that every strategy is also scored on")
+    add_config_flags(compare, skip=("strategy",))
+    compare.add_argument("--out", required=True, help="folder for the runs, comparison.json/csv, plots and report")
+    compare.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+
     listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
     listing.add_argument("--json", action="store_true")
     return parser
@@ -195,8 +204,17 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import format_table, run_comparison
+
+    result = run_comparison(config_from(args), args.strategies.split(","), args.out, args.test, args.overwrite)
+    print(format_table(result.rows))
+    print(f"best: {result.best['strategy']}; report: {result.out / 'report.html'}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
-            "backbones": cmd_backbones}
+            "backbones": cmd_backbones, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,184 @@
+"""Strategies side by side: every strategy trains on the same split, seed, preprocessing, augmentation and
+feature cache, so the only difference between two rows is which blocks trained and how.
+
+    OUT/<strategy>/      a normal run directory per strategy (`transferlab evaluate/predict` work on it)
+    OUT/comparison.json  set-up, and per strategy its numbers, stages and per-epoch history
+    OUT/comparison.csv   the flat columns
+    OUT/report.html, report.md, plots/   see `report`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import cache, metrics
+from .cache import FeatureCache
+from .config import TrainConfig
+from .data import Preprocessing
+from .errors import TransferlabError
+from .runs import Run, check_writable, to_csv, write_atomic
+from .strategies import STRATEGIES
+from .training import Splits, load_splits, train
+
+# (key, header, format): the flat columns, in the order of the CSV, the terminal table and the reports
+COLUMNS = [
+    ("strategy", "strategy", "{}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("total_params", "total", "{:,}"),
+    ("blocks_trained", "blocks", "{}"),
+    ("best_epoch", "best ep", "{}"),
+    ("epochs_run", "epochs", "{}"),
+    ("train_accuracy", "train acc", "{:.4f}"),
+    ("val_accuracy", "val acc", "{:.4f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_f1", "val f1", "{:.4f}"),
+    ("val_roc_auc", "val auc", "{:.4f}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_f1", "test f1", "{:.4f}"),
+    ("test_roc_auc", "test auc", "{:.4f}"),
+    ("train_seconds", "seconds", "{:.1f}"),
+]
+
+
+@dataclass
+class Comparison:
+    """The trained runs with their numbers; `rows` are comparison.json's entries, in training order."""
+
+    config: TrainConfig  # shared settings; each run's own config differs only in `strategy`
+    splits: Splits
+    runs: dict[str, Run]
+    val_probs: dict[str, np.ndarray]  # [val images, classes] from the full model on decoded images
+    rows: list[dict]
+    out: Path
+
+    @property
+    def blocks(self) -> list[str]:
+        """The backbone's block names (the same for every strategy)."""
+        return next(iter(self.runs.values())).info["backbone"]["blocks"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return next(iter(self.runs.values())).preprocessing
+
+    @property
+    def best(self) -> dict:
+        """Highest validation accuracy; lower validation loss breaks ties."""
+        return max(self.rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+
+
+def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: str | Path | None = None,
+            overwrite: bool = False, **options) -> Comparison:
+    """Train each strategy on `data` and write the comparison and its report to `out`; options are
+    TrainConfig fields (except strategy)."""
+    config = TrainConfig(data=str(data), **options)
+    return run_comparison(config, strategies, out, None if test is None else str(test), overwrite)
+
+
+def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Path, test: str | None = None,
+                   overwrite: bool = False) -> Comparison:
+    from . import report  # matplotlib is only needed once everything has trained
+
+    out = Path(out)
+    configs = _configs(config, strategies)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TransferlabError(f"{out} already exists; pass --overwrite to replace it")
+    for name in configs:  # fail now, not after an hour of training
+        check_writable(out / name, overwrite)
+    splits = load_splits(config, test)
+    store = FeatureCache(Path(config.cache_dir) if config.cache_dir else cache.default_dir(),
+                         int(config.cache_ram_gb * 2**30))
+    runs, val_probs, entries = {}, {}, []
+    for i, (name, cfg) in enumerate(configs.items(), 1):
+        tqdm.write(f"== {name} ({i}/{len(configs)}) ==")
+        misses = store.misses
+        runs[name] = run = train(cfg, out / name, splits=splits, store=store, overwrite=overwrite)
+        val_probs[name] = run.probabilities(splits.val)
+        test_probs = run.probabilities(splits.test) if splits.test else None
+        entries.append(_entry(name, run, splits, val_probs[name], test_probs) | {
+            "features_computed": store.misses - misses})
+    comparison = Comparison(config, splits, runs, val_probs, entries, out)
+    _write(comparison)
+    report.write(comparison)
+    return comparison
+
+
+def _configs(config: TrainConfig, strategies: Sequence[str]) -> dict[str, TrainConfig]:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise TransferlabError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if len(set(strategies)) != len(strategies):
+        raise TransferlabError(f"each strategy may be compared once, got {', '.join(strategies)}")
+    return {s: dataclasses.replace(config, strategy=s) for s in strategies}
+
+
+def _entry(name: str, run: Run, splits: Splits, val_probs: np.ndarray, test_probs: np.ndarray | None) -> dict:
+    """Flat columns first, then what the report needs: stages, trained blocks, history."""
+    info, classes = run.info, splits.classes
+    val = metrics.evaluate(val_probs, np.array(splits.val.labels), classes)
+    blocks = info["backbone"]["blocks"]
+    last = info["stages"][-1]
+    row = {
+        "strategy": name,
+        "trainable_params": info["trainable_params"],
+        "total_params": info["total_params"],
+        "blocks_trained": len(blocks) - last["frozen"],
+        "best_epoch": info["best_epoch"],
+        "epochs_run": len(run.history),
+        # running accuracy of the best epoch: train mode, so dropout and augmentation were on
+        "train_accuracy": run.history[info["best_epoch"] - 1]["train_accuracy"],
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["log_loss"],
+        "val_f1": val["f1"],
+        "val_roc_auc": val["roc_auc"],
+    }
+    if test_probs is not None:
+        t = metrics.evaluate(test_probs, np.array(splits.test.labels), classes)
+        row |= {"test_accuracy": t["accuracy"], "test_f1": t["f1"], "test_roc_auc": t["roc_auc"]}
+    return row | {
+        "train_seconds": info["train_seconds"],
+        "run_dir": str(run.path),
+        "weights": info["backbone"]["weights"],
+        "val_confusion_matrix": val["confusion_matrix"],
+        "stages": [s | {"trained_blocks": blocks[s["frozen"]:]} for s in info["stages"]],
+        "history": run.history,
+    }
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The COLUMNS present in `rows` (test_* only when a test set was given)."""
+    return [c for c in COLUMNS if c[0] in rows[0]]
+
+
+def flat(rows: list[dict]) -> list[dict]:
+    return [{k: r[k] for k, _, _ in _columns(rows)} for r in rows]
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    """Header and formatted cells of the flat columns; a missing number (no ROC AUC) shows as '-'."""
+    columns = _columns(rows)
+    return [[header for _, header, _ in columns]] + [
+        ["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in columns] for r in rows]
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table for a terminal: strategy left-aligned, numbers right-aligned."""
+    cells = table(rows)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def _write(c: Comparison) -> None:
+    c.out.mkdir(parents=True, exist_ok=True)
+    shared = {k: v for k, v in c.config.to_dict().items() if k != "strategy"}
+    doc = {"backbone": c.config.backbone, "config": shared, "data": c.splits.summary(),
+           "best": c.best["strategy"], "strategies": c.rows}
+    write_atomic(c.out / "comparison.json", json.dumps(doc, indent=2))
+    write_atomic(c.out / "comparison.csv", to_csv(flat(c.rows)))
