@@ -82,10 +82,12 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train a classifier and save a run directory")
-    train.add_argument("--data", required=True, help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
+    train.add_argument("--data", default=argparse.SUPPRESS,
+                       help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
     add_config_flags(train)
-    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument("--out", help="run directory to create")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with the options it began with")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a saved run on a labelled folder")
     evaluate.add_argument("run_dir")
@@ -105,6 +107,7 @@ def build_parser() -> Parser:
     check = data_sub.add_parser("check", help="classes, counts, and the files that would be skipped and why")
     check.add_argument("folder")
     check.add_argument("--json", action="store_true")
+    check.add_argument("--max-pixels", type=int, default=TrainConfig.max_pixels, help=HELP["max_pixels"])
     download = data_sub.add_parser("download", help="fetch a named dataset (needs the network)")
     download.add_argument("name")
 
@@ -126,12 +129,27 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args) -> int:
-    from .training import train
+    from .training import resume, train
 
-    run = train(config_from(args), args.out, overwrite=args.overwrite)
+    given = {f.name for f in fields(TrainConfig)} & set(vars(args))  # flags not given are suppressed
+    if args.resume:
+        if given or args.out or args.overwrite:
+            raise TransferlabError("--resume continues a run with the options it began with; give it no others")
+        run = resume(args.resume)
+    elif "data" not in given or not args.out:
+        raise TransferlabError("train needs --data and --out (or --resume RUN_DIR)")
+    else:
+        run = train(config_from(args), args.out, overwrite=args.overwrite)
     m = run.metrics
     print(f"{run.config.strategy} on {run.config.backbone}: val accuracy {m['accuracy']:.4f}, f1 {m['f1']:.4f}, "
           f"loss {m['log_loss']:.4f} (best epoch {run.info['best_epoch']}, {run.info['train_seconds']:.1f}s) -> {run.path}")
+    found, listed = run.info["data"], f"all listed in {run.path / 'config.json'}"
+    if skipped := found["skipped"]:
+        print(f"transferlab: warning: skipped {len(skipped)} unusable file(s), e.g. {skipped[0]['path']}: "
+              f"{skipped[0]['reason']} ({listed})", file=sys.stderr)
+    if duplicates := found["duplicates"]:
+        print(f"transferlab: warning: {len(duplicates)} image(s) are byte-identical across splits, which inflates "
+              f"validation scores, e.g. {duplicates[0]['a']} = {duplicates[0]['b']} ({listed})", file=sys.stderr)
     return 0
 
 
@@ -177,7 +195,7 @@ def cmd_data(args) -> int:
     if args.data_command == "download":
         print(f"downloaded to {data.download(args.name)}")
         return 0
-    images = data.scan(args.folder)
+    images = data.scan(args.folder, max_pixels=args.max_pixels)
     summary = images.summary()
     summary["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in summary["skipped"]]
     if args.json:
@@ -224,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except TransferlabError as e:
         print(f"transferlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("transferlab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's says how to continue
+        print(f"transferlab: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

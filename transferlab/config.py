@@ -57,6 +57,9 @@ class TrainConfig:
             (self.cache_views >= 1, "--cache-views must be a positive number"),
             (self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "--unfreeze-blocks must be positive or 'all'"),
             (all(x is None or x > 0 for x in (self.lr, self.backbone_lr)), "learning rates must be positive"),
+            (self.lr_decay > 0, "--lr-decay must be positive"),
+            (self.workers is None or self.workers >= 0, "--workers must be 0 (decode in this process) or more"),
+            (self.max_pixels >= 1, "--max-pixels must be a positive number"),
         ]
         for ok, message in checks:
             if not ok:

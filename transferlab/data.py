@@ -9,6 +9,7 @@ import hashlib
 import os
 import tarfile
 import urllib.request
+import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
@@ -103,8 +104,9 @@ def is_candidate(path: Path) -> bool:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: 16-bit and float grey rescaled, transparency composited on white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im).astype(np.uint32)
-        im = Image.fromarray((arr >> 8 if arr.max() > 255 else arr).clip(0, 255).astype(np.uint8), "L")
+        arr = np.asarray(im).astype(np.uint32)  # 32-bit 'I' is ambiguous: 16-bit data if values say so
+        deep = im.mode.startswith("I;16") or arr.max() > 255
+        im = Image.fromarray((arr >> 8 if deep else arr).clip(0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -125,7 +127,10 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | No
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file")
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the max_pixels check below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             width, height = im.size
             if width * height > max_pixels:
                 raise BadImage(
@@ -139,6 +144,8 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | No
         raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:  # Pillow's message holds the absolute path; the reason needs none
+        raise BadImage("cannot decode: unknown image format or broken header") from None
     except Exception as e:  # Pillow raises many types for broken files; each one is a reason to skip
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImage(f"cannot decode: {reason}") from None
@@ -177,7 +184,7 @@ def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = D
         classes = found
     elif set(found) - set(classes):
         raise TransferlabError(
-            f"{root} has classes {found} but the model was trained on {classes}"
+            f"{root} has classes {found} but the training data has {classes}"
         )
     if len(classes) < 2:
         raise TransferlabError(f"{root} needs at least two class sub-folders of images, found {found or 'none'}")
@@ -295,7 +302,7 @@ def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
     if augment in ("light", "standard"):
         steps.append(v2.RandomHorizontalFlip())
     if augment == "standard":  # what the Keras notebooks use: rotation 20 deg, zoom 10%, contrast 10%
-        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1), interpolation=interpolation),
+        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1)),  # bilinear: tensors have no bicubic affine
                   v2.ColorJitter(contrast=0.1)]
     return v2.Compose(steps)
 

@@ -5,19 +5,26 @@
     history.csv        one row per epoch
     metrics.json       final validation metrics
     split.csv          which file was in which split, with its label
+
+While training, RUN_DIR does not exist yet: the run's checkpoint is a hidden file beside it
+(`.RUN_DIR.checkpoint.safetensors`), so a run killed at any moment never leaves a RUN_DIR that loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import data, metrics
@@ -26,13 +33,50 @@ from .errors import TransferlabError
 from .model import Classifier
 
 FORMAT = "transferlab-run/1"
+CHECKPOINT_FORMAT = "transferlab-checkpoint/1"
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary sibling to write; renamed over `path` once complete, removed if writing fails. Readers
+    see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint: beside RUN_DIR, hidden."""
+    return run_dir.with_name(f".{run_dir.name}.checkpoint.safetensors")
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Tensors plus JSON metadata in one safetensors file (no pickle), replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)})
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a checkpoint written by `write_checkpoint`, or a one-line error."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a transferlab checkpoint")
+            return json.loads(header["meta"]), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TransferlabError(f"cannot resume from {path} ({reason}); start again with --overwrite") from None
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -78,13 +122,17 @@ class Run:
         staging = path.with_name(f".{path.name}.{os.getpid()}.writing")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
-        (staging / "config.json").write_text(json.dumps(
-            {"format": FORMAT, "config": self.config.to_dict(), **self.info}, indent=2))
-        (staging / "history.csv").write_text(to_csv(self.history))
-        (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
-        (staging / "split.csv").write_text(to_csv(self.split))
+        try:
+            state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
+            (staging / "config.json").write_text(json.dumps(
+                {"format": FORMAT, "config": self.config.to_dict(), **self.info}, indent=2))
+            (staging / "history.csv").write_text(to_csv(self.history))
+            (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            (staging / "split.csv").write_text(to_csv(self.split))
+        except BaseException:  # a full disk or Ctrl-C: leave nothing half-written behind
+            shutil.rmtree(staging)
+            raise
         if path.exists():
             old = path.with_name(f".{path.name}.{os.getpid()}.old")
             os.replace(path, old)
@@ -100,6 +148,8 @@ class Run:
         from .training import build_model  # training imports runs; a run rebuilds through the same code path
 
         path = Path(path)
+        if not path.exists() and checkpoint_path(path).is_file():
+            raise TransferlabError(f"{path} did not finish training; continue it with `transferlab train --resume {path}`")
         try:
             meta = json.loads((path / "config.json").read_text())
             if meta.get("format") != FORMAT:

@@ -8,11 +8,15 @@ per image (per augmented view) for the whole run instead of once per image per e
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
+import json
+import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ from .config import TrainConfig
 from .data import ImageSet, Preprocessing
 from .errors import TransferlabError
 from .model import Classifier, make_head
-from .runs import Run, check_writable
+from .runs import Run, check_writable, checkpoint_path, read_checkpoint, write_checkpoint
 from .strategies import Stage, param_groups, stages
 
 
@@ -274,43 +278,113 @@ def run_epoch(model: Classifier, batches: Iterable, start: int, config: TrainCon
     return total / count, correct / count, torch.cat(probs)
 
 
-def fit(model: Classifier, stage: Stage, feed: ImageFeed | CachedFeed, config: TrainConfig, history: list[dict],
-        stage_no: int) -> int:
-    """Train one stage with early stopping on validation loss; restores and returns the best epoch."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message says what was kept and how to continue."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands in its current stage. Checkpointed with its tensors after every epoch, it lets an
+    interrupted run continue exactly: each epoch's randomness derives from (seed, epoch), so no RNG state
+    needs saving."""
+
+    stage: int = 0  # index into the plan
+    epoch: int = 0  # epochs finished in this stage
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    waited: int = 0  # epochs since the validation loss last improved
+    seconds: float = 0.0  # training time so far, across interruptions
+    history: list[dict] = field(default_factory=list)
+    model: dict[str, torch.Tensor] | None = None  # when resuming: the trained tensors as checkpointed
+    best: dict[str, torch.Tensor] | None = None  # the trained tensors at best_epoch
+    optimizer: dict[int, dict[str, torch.Tensor]] | None = None  # per-parameter optimizer state
+    _tensor_fields = ("model", "best", "optimizer")
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._tensor_fields}
+
+    def tensors(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """The trained tensors now and at the best epoch, and the optimizer state, flat for a safetensors file."""
+        flat = {f"model.{k}": v for k, v in trained_state(model).items()}
+        flat |= {f"best.{k}": v for k, v in (self.best or {}).items()}
+        return flat | {f"optimizer.{i}.{k}": v for i, s in (self.optimizer or {}).items() for k, v in s.items()}
+
+    @classmethod
+    def restore(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> Progress:
+        """The inverse of `to_json` and `tensors`."""
+        parts: dict[str, dict] = {name: {} for name in cls._tensor_fields}
+        for key, value in tensors.items():
+            part, name = key.split(".", 1)
+            if part == "optimizer":
+                index, name = name.split(".", 1)
+                parts[part].setdefault(int(index), {})[name] = value
+            else:
+                parts[part][name] = value
+        return cls(**meta, **parts)
+
+
+def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
+    """A copy of what training can change: the head and the blocks after the frozen prefix. Frozen blocks keep
+    their weights and (in inference mode) their BatchNorm statistics, and the prefix only shrinks from stage to
+    stage, so best-restore and checkpoints need no more; for feature extraction that is the head alone."""
+    trained = [("head", model.head)] + [(f"blocks.{i}", model.blocks[i]) for i in range(model.frozen, model.num_blocks)]
+    return {k: v.clone() for name, module in trained for k, v in module.state_dict(prefix=f"{name}.").items()}
+
+
+def fit(model: Classifier, stage: Stage, feed: ImageFeed | CachedFeed, config: TrainConfig, progress: Progress,
+        on_epoch: Callable[[Progress], None] | None = None) -> None:
+    """Train one stage from where `progress` stands, with early stopping on validation loss; restores the best
+    weights.
+
+    `on_epoch` gets the progress after every epoch, to checkpoint it.
+    """
     model.freeze(stage.frozen, config.bn_frozen)
     optimizer = torch.optim.AdamW(param_groups(model.blocks, model.head, stage, config.lr_decay))
-    best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
-    for epoch in range(stage.epochs):
+    if progress.optimizer:
+        optimizer.load_state_dict({"state": progress.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+    history = progress.history
+    while progress.epoch < stage.epochs and not (config.patience and progress.waited >= config.patience):
         torch.manual_seed(config.seed * 1000 + len(history))
         began = time.perf_counter()
-        label = f"stage {stage_no} ({stage.name}) epoch {epoch + 1}/{stage.epochs}"
-        train_loss, train_acc, _ = run_epoch(model, feed.train(epoch), feed.start, config, optimizer, label)
+        label = f"stage {progress.stage + 1} ({stage.name}) epoch {progress.epoch + 1}/{stage.epochs}"
+        train_loss, train_acc, _ = run_epoch(model, feed.train(progress.epoch), feed.start, config, optimizer, label)
         val_loss, val_acc, _ = run_epoch(model, feed.val(), feed.start, config, desc="validating")
-        row = {"epoch": len(history) + 1, "stage": stage_no, "trained": stage.name, "train_loss": train_loss,
-               "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
+        row = {"epoch": len(history) + 1, "stage": progress.stage + 1, "trained": stage.name,
+               "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
                "seconds": time.perf_counter() - began}
         history.append(row)
         tqdm.write(f"{label}: loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
                    f"acc {val_acc:.4f} | {row['seconds']:.1f}s")
-        if val_loss < best_loss:
-            best_loss, best_epoch, waited = val_loss, row["epoch"], 0
-            best_state = copy.deepcopy(model.state_dict())
-        elif config.patience and (waited := waited + 1) >= config.patience:
-            break
-    if best_state is None:
+        progress.epoch += 1
+        if val_loss < progress.best_loss:
+            progress.best_loss, progress.best_epoch, progress.waited = val_loss, row["epoch"], 0
+            progress.best = trained_state(model)
+        else:
+            progress.waited += 1
+        progress.optimizer = optimizer.state_dict()["state"]
+        if on_epoch:
+            on_epoch(progress)
+    if not progress.best:
         raise TransferlabError("training diverged: the validation loss was never a finite number; try a lower --lr")
-    model.load_state_dict(best_state)
-    return best_epoch
+    model.load_state_dict(progress.best, strict=False)
 
 
 # ---------------------------------------------------------------- a whole run
 
 
 def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | None = None,
-          store: FeatureCache | None = None, overwrite: bool = False) -> Run:
-    """Train with `config`'s strategy, evaluate on validation, and save a run directory to `out`."""
-    if out is not None:
+          store: FeatureCache | None = None, overwrite: bool = False, progress: Progress | None = None) -> Run:
+    """Train with `config`'s strategy, evaluate on validation, and save a run directory to `out`.
+
+    With `out`, every epoch is checkpointed beside it, so Ctrl-C or SIGTERM stops with an `Interrupted` that
+    `resume(out)` continues from; `progress` is that continuation's starting point.
+    """
+    checkpoint = None if out is None else checkpoint_path(Path(out))
+    if checkpoint and not progress:
         check_writable(Path(out), overwrite)
+        if checkpoint.exists() and not overwrite:
+            raise TransferlabError(f"{out} has an interrupted run: continue it with `transferlab train --resume {out}`"
+                                   " or pass --overwrite to start again")
     splits = splits or load_splits(config)
     built = build_model(config, len(splits.classes))
     model = built.model
@@ -319,32 +393,88 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     store = store or FeatureCache(Path(config.cache_dir) if config.cache_dir else cache.default_dir(),
                                   int(config.cache_ram_gb * 2**30))
     features = Features(built, config, store) if config.cache else None
-    history: list[dict] = []
-    began = time.perf_counter()
-    for number, stage in enumerate(plan, 1):
-        use_cache = features is not None and stage.frozen > 0
-        feed = features.feed(splits, stage.frozen) if use_cache else ImageFeed(splits, built.pre, config)
-        best_epoch = fit(model, stage, feed, config, history, number)
-    seconds = time.perf_counter() - began
-    _, _, probs = run_epoch(model, feed.val(), feed.start, config, desc="evaluating")
-    result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
-    info = {
-        "classes": splits.classes,
-        "backbone": {"name": config.backbone, "blocks": built.block_names, "weights": built.weights_source,
-                     "feature_shape": built.feature_shape},
-        "preprocessing": asdict(built.pre),
-        "stages": [asdict(s) for s in plan],
-        "trainable_params": model.trainable_params(),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "best_epoch": best_epoch,
-        "train_seconds": seconds,
-        "cache": {"used": config.cache, "views": config.cache_views if config.augment != "none" else 1,
-                  "augment": config.augment, "hits": store.hits, "misses": store.misses},
-        "data": splits.summary(),
-    }
-    split = [{"split": name, "path": str(f), "label": s.classes[y]}
-             for name, s in (("train", splits.train), ("val", splits.val)) for f, y in zip(s.files, s.labels)]
-    run = Run(config, info, model.eval(), history, result, split)
-    if out is not None:
-        run.save(out, overwrite)
+    if progress:
+        model.load_state_dict(progress.model, strict=False)
+    elif checkpoint:
+        checkpoint.unlink(missing_ok=True)  # an interrupted run that --overwrite replaces
+    progress = progress or Progress()
+    began = time.perf_counter() - progress.seconds
+    meta = {"config": config.to_dict(), "overwrite": overwrite, "data": fingerprint(splits)}
+
+    def save_checkpoint(p: Progress) -> None:
+        p.seconds = time.perf_counter() - began
+        write_checkpoint(checkpoint, p.tensors(model), meta | {"progress": p.to_json()})
+
+    with _interruptible(checkpoint, out):
+        for stage in plan[progress.stage:]:
+            use_cache = features is not None and stage.frozen > 0
+            feed = features.feed(splits, stage.frozen) if use_cache else ImageFeed(splits, built.pre, config)
+            fit(model, stage, feed, config, progress, save_checkpoint if checkpoint else None)
+            best_epoch, history = progress.best_epoch, progress.history
+            progress = Progress(progress.stage + 1, seconds=progress.seconds, history=history)
+        seconds = time.perf_counter() - began
+        _, _, probs = run_epoch(model, feed.val(), feed.start, config, desc="evaluating")
+        result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
+        info = {
+            "classes": splits.classes,
+            "backbone": {"name": config.backbone, "blocks": built.block_names, "weights": built.weights_source,
+                         "feature_shape": built.feature_shape},
+            "preprocessing": asdict(built.pre),
+            "stages": [asdict(s) for s in plan],
+            "trainable_params": model.trainable_params(),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "best_epoch": best_epoch,
+            "train_seconds": seconds,
+            "cache": {"used": config.cache, "views": config.cache_views if config.augment != "none" else 1,
+                      "augment": config.augment, "hits": store.hits, "misses": store.misses},
+            "data": splits.summary(),
+        }
+        split = [{"split": name, "path": str(f), "label": s.classes[y]}
+                 for name, s in (("train", splits.train), ("val", splits.val)) for f, y in zip(s.files, s.labels)]
+        run = Run(config, info, model.eval(), history, result, split)
+        if out is not None:
+            run.save(out, overwrite)
+            checkpoint.unlink()
     return run
+
+
+def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
+    """Continue an interrupted run from its last finished epoch; it ends as the uninterrupted run would have."""
+    out = Path(out)
+    path = checkpoint_path(out)
+    if not path.is_file():
+        done = (out / "config.json").is_file()
+        raise TransferlabError(f"{out} finished training; there is nothing to resume" if done
+                               else f"there is no interrupted run at {out} to resume")
+    meta, tensors = read_checkpoint(path)
+    config = TrainConfig.from_dict(meta["config"])
+    splits = load_splits(config)
+    if fingerprint(splits) != meta["data"]:
+        raise TransferlabError(f"the images for {out} changed since it was interrupted, so it cannot continue as it "
+                               "began; start again with --overwrite")
+    return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors))
+
+
+def fingerprint(splits: Splits) -> str:
+    """Which bytes are in which split, with which label: what a resumed run must find unchanged."""
+    content = [(s.digests, s.labels) for s in (splits.train, splits.val)]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _interruptible(checkpoint: Path | None, out: str | Path | None) -> Iterator[None]:
+    """Ctrl-C, or SIGTERM (kill, a scheduler's time limit), stops training with an `Interrupted` that says
+    whether and how the run can continue. Signal handlers can only be set from the main thread."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise
+        kept = (f"the finished epochs are saved: continue with `transferlab train --resume {out}`"
+                if checkpoint.exists() else "no epoch had finished, so nothing was saved")
+        raise Interrupted(f"interrupted; {kept}") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
