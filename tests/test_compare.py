@@ -144,7 +144,7 @@ def test_cli_compare_prints_the_table_and_refuses_to_clobber(folder, tmp_path, c
 
 
 @pytest.mark.parametrize("strategies, message", [("partial,bogus", "unknown strategies ['bogus']"),
-                                                 ("full,full", "compared once")])
+                                                 ("full, full", "each strategy to compare once")])
 def test_cli_compare_rejects_bad_strategy_lists(strategies, message, folder, tmp_path, capsys):
     assert cli.main(["compare", "--data", str(folder), "--strategies", strategies, "--out", str(tmp_path / "c")]) == 2
     assert message in capsys.readouterr().err

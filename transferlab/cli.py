@@ -225,7 +225,8 @@ def cmd_backbones(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import format_table, run_comparison
 
-    result = run_comparison(config_from(args), args.strategies.split(","), args.out, args.test, args.overwrite)
+    strategies = [s.strip() for s in args.strategies.split(",")]
+    result = run_comparison(config_from(args), strategies, args.out, args.test, args.overwrite)
     print(format_table(result.rows))
     print(f"best: {result.best['strategy']}; report: {result.out / 'report.html'}")
     return 0

@@ -111,10 +111,10 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
 
 def _configs(config: TrainConfig, strategies: Sequence[str]) -> dict[str, TrainConfig]:
     unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
+    if unknown:
         raise TransferlabError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    if len(set(strategies)) != len(strategies):
-        raise TransferlabError(f"each strategy may be compared once, got {', '.join(strategies)}")
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise TransferlabError(f"name each strategy to compare once, got {', '.join(strategies) or 'none'}")
     return {s: dataclasses.replace(config, strategy=s) for s in strategies}
 
 
