@@ -165,8 +165,8 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(stop_at,
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(folder, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["train", "--data", str(folder), "--out", str(run_dir), "--strategy", "feature-extraction",
-            *flags(TINY | {"epochs": 30, "patience": 0})]
+    argv = ["train", "--data", str(folder), "--out", str(run_dir), "--strategy", "full",  # uncached: slow epochs
+            *flags(TINY | {"epochs": 15, "patience": 0})]
     process = subprocess.Popen([sys.executable, "-m", "transferlab.cli", *argv], text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -180,7 +180,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(folder, tmp_path, c
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [checkpoint_path(run_dir).name]
 
     assert cli.main(["train", "--resume", str(run_dir)]) == 0
-    assert [int(row["epoch"]) for row in tl.load(run_dir).history] == list(range(1, 31))
+    assert [int(row["epoch"]) for row in tl.load(run_dir).history] == list(range(1, 16))
 
 
 def test_an_existing_run_dir_or_interrupted_run_is_only_replaced_with_overwrite(folder, tmp_path, capsys):

@@ -149,7 +149,8 @@ class Run:
 
         path = Path(path)
         if not path.exists() and checkpoint_path(path).is_file():
-            raise TransferlabError(f"{path} did not finish training; continue it with `transferlab train --resume {path}`")
+            raise TransferlabError(f"{path} did not finish training: continue it with "
+                                   f"`transferlab train --resume {path}`")
         try:
             meta = json.loads((path / "config.json").read_text())
             if meta.get("format") != FORMAT:
