@@ -214,7 +214,7 @@ class Features:
         for j in range(block - 1, 0, -1):
             if (shallower := self.store.load(self._key(images, j, augment, view))) is not None:
                 n = self.config.batch_size
-                start, batches = j, ((torch.from_numpy(shallower[i:i + n]), None) for i in range(0, len(images), n))
+                start, batches = j, ((torch.from_numpy(shallower[i:i + n]).float(), None) for i in range(0, len(images), n))
                 break
         if batches is None:
             batches = image_loader(images, self.built.pre, self.config, augment,
@@ -406,6 +406,9 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
         write_checkpoint(checkpoint, p.tensors(model), meta | {"progress": p.to_json()})
 
     with _interruptible(checkpoint, out):
+        if features:  # shallowest prefix first: deeper ones then start from its features, not from the images
+            for frozen in sorted({s.frozen for s in plan[progress.stage:] if s.frozen > 0}):
+                features.feed(splits, frozen)
         for stage in plan[progress.stage:]:
             use_cache = features is not None and stage.frozen > 0
             feed = features.feed(splits, stage.frozen) if use_cache else ImageFeed(splits, built.pre, config)
