@@ -12,7 +12,7 @@ from .config import TrainConfig
 from .errors import TransferlabError
 from .runs import Run
 
-__all__ = ["TrainConfig", "TransferlabError", "Run", "train", "load"]
+__all__ = ["TrainConfig", "TransferlabError", "Run", "train", "resume", "load", "compare"]
 
 
 def train(data: str | Path, out: str | Path | None = None, overwrite: bool = False, **options) -> Run:
@@ -20,6 +20,13 @@ def train(data: str | Path, out: str | Path | None = None, overwrite: bool = Fal
     from .training import train as _train
 
     return _train(TrainConfig(data=str(data), **options), out, overwrite=overwrite)
+
+
+def resume(out: str | Path) -> Run:
+    """Continue a run that Ctrl-C or SIGTERM interrupted; it ends as the uninterrupted run would have."""
+    from .training import resume as _resume
+
+    return _resume(out)
 
 
 def load(path: str | Path) -> Run:

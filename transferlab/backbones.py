@@ -88,7 +88,7 @@ def create(name: str, image_size: int | None = None) -> tuple[Backbone, nn.Modul
     with torch.no_grad():
         try:
             expected = model.forward_features(x)
-        except RuntimeError:
+        except (RuntimeError, AssertionError, ValueError):
             raise TransferlabError(f"image size {image_size} is too small for backbone {name}") from None
         got = x
         for block in blocks:

@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except TransferlabError as e:
         print(f"transferlab: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a permission or a full disk: the system's words suffice
+        print(f"transferlab: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # training's says how to continue
         print(f"transferlab: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import cache, metrics
-from .cache import FeatureCache
+from . import metrics
 from .config import TrainConfig
 from .data import Preprocessing
 from .errors import TransferlabError
 from .runs import Run, check_writable, to_csv, write_atomic
 from .strategies import STRATEGIES
-from .training import Splits, load_splits, train
+from .training import Splits, feature_store, load_splits, train
 
 # (key, header, format): the flat columns, in the order of the CSV, the terminal table and the reports
 COLUMNS = [
@@ -92,8 +91,7 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
     for name in configs:  # fail now, not after an hour of training
         check_writable(out / name, overwrite)
     splits = load_splits(config, test)
-    store = FeatureCache(Path(config.cache_dir) if config.cache_dir else cache.default_dir(),
-                         int(config.cache_ram_gb * 2**30))
+    store = feature_store(config)
     runs, val_probs, entries = {}, {}, []
     for i, (name, cfg) in enumerate(configs.items(), 1):
         tqdm.write(f"== {name} ({i}/{len(configs)}) ==")

@@ -100,7 +100,8 @@ def load_splits(config: TrainConfig, test: str | None = None) -> Splits:
         train_set.skipped = images.skipped
     data.require_trainable(train_set)
     data.require_trainable(val_set, "validation data")
-    test_set = data.scan(test, classes=images.classes, max_pixels=config.max_pixels) if test else None
+    test_set = data.scan(test, classes=images.classes, max_pixels=config.max_pixels,
+                          workers=config.workers) if test else None
     named = {"train": train_set, "val": val_set} | ({"test": test_set} if test_set else {})
     return Splits(train_set, val_set, test_set, data.duplicates(named))
 
@@ -234,6 +235,12 @@ class Features:
         views = [self.get(splits.train, block, augment, v) for v in range(self.config.cache_views if augment != "none" else 1)]
         val = self.get(splits.val, block)
         return CachedFeed(block, views, splits.train.labels, val, splits.val.labels, self.config)
+
+
+def feature_store(config: TrainConfig) -> FeatureCache:
+    """The cache that `config` asks for; share one between runs (as `compare` does) to share features in RAM."""
+    directory = Path(config.cache_dir) if config.cache_dir else cache.default_dir()
+    return FeatureCache(directory, int(config.cache_ram_gb * 2**30))
 
 
 def _stat(path) -> tuple[int, int]:
@@ -390,8 +397,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     model = built.model
     plan = stages(config.strategy, model.num_blocks, config.unfreeze_blocks, config.epochs, config.head_epochs,
                   config.lr, config.backbone_lr)
-    store = store or FeatureCache(Path(config.cache_dir) if config.cache_dir else cache.default_dir(),
-                                  int(config.cache_ram_gb * 2**30))
+    store = store or feature_store(config)
     features = Features(built, config, store) if config.cache else None
     if progress:
         model.load_state_dict(progress.model, strict=False)
