@@ -176,7 +176,7 @@ def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = D
     Each file is fully decoded once, so a broken file is skipped here with its reason rather than failing
     a training run halfway.
     """
-    root = Path(root).absolute()
+    root = Path(os.path.abspath(root))  # absolute and normalised: runs stay usable from any directory
     if not root.is_dir():
         raise TransferlabError(f"data folder not found: {root}")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
