@@ -16,7 +16,7 @@ from transferlab.errors import TransferlabError
 from transferlab.strategies import stages
 from transferlab.training import build_model
 
-from .conftest import make_folder
+from .conftest import SHARED, make_folder
 
 
 # ---------------------------------------------------------------- data
@@ -237,3 +237,18 @@ def test_cli_errors_are_one_line(argv, message, folder, capsys):
     code = cli.main([a.format(folder=folder) for a in argv])
     err = capsys.readouterr().err
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared cats-vs-dogs photos are not beside the checkout")
+def test_offline_imagenet_weights_and_preprocessing_recognise_real_photos():
+    """End to end through our weight mapping, blocks, preprocessing and in-model normalisation: the shipped
+    ImageNet classifier on our pooled features names real cats and dogs (ImageNet classes 281-285, 151-268)."""
+    built = build_model(TrainConfig(data=".", bf16=False, channels_last=False), 2)
+    shipped = weights.read_state_dict(weights.package_file("tf_efficientnet_lite0"))
+    files = [p for c in ("cats", "dogs") for p in sorted((SHARED / "validation" / c).glob("*.jpg"))[:15]]
+    images = data.ImageSet(SHARED, ["cats", "dogs"], files, [0] * 15 + [1] * 15)
+    x = torch.stack([data.ImageDataset(images, built.pre)[i][0] for i in range(len(files))])
+    with torch.no_grad():
+        top = (built.model.eval().features(x).mean((2, 3)) @ shipped["_fc.weight"].T + shipped["_fc.bias"]).argmax(1)
+    named = [0 if 281 <= c <= 285 else 1 if 151 <= c <= 268 else -1 for c in top.tolist()]
+    assert sum(p == y for p, y in zip(named, images.labels)) >= 24
