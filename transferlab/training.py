@@ -202,20 +202,19 @@ class Features:
         self.base = {"backbone": config.backbone, "weights": _weights_identity(config), "pre": asdict(built.pre),
                      "bf16": config.bf16, "max_pixels": config.max_pixels}
 
-    def _key(self, images: ImageSet, block: int, augment: str, view: int) -> dict:
-        return {**self.base, "block": block, "augment": augment, "view": view,
-                "seed": self.config.seed if augment != "none" else None,
-                "files": [(str(p), *_stat(p)) for p in images.files]}
-
     def get(self, images: ImageSet, block: int, augment: str = "none", view: int = 0) -> np.ndarray:
-        if (hit := self.store.load(self._key(images, block, augment, view))) is not None:
+        """Features of blocks[:block] for `images` (augmented view `view`), computed only if not cached."""
+        identity = {**self.base, "augment": augment, "view": view,
+                    "seed": self.config.seed if augment != "none" else None,
+                    "files": [(str(p), *_stat(p)) for p in images.files]}
+        if (hit := self.store.load(identity | {"block": block})) is not None:
             return hit
         # start from the deepest shallower prefix already cached (two-stage, compare), else from images
-        start, batches = 0, None
+        start, batches, n = 0, None, self.config.batch_size
         for j in range(block - 1, 0, -1):
-            if (shallower := self.store.load(self._key(images, j, augment, view))) is not None:
-                n = self.config.batch_size
-                start, batches = j, ((torch.from_numpy(shallower[i:i + n]).float(), None) for i in range(0, len(images), n))
+            if (shallower := self.store.load(identity | {"block": j})) is not None:
+                start, batches = j, ((torch.from_numpy(shallower[i:i + n]).float(), None)
+                                     for i in range(0, len(images), n))
                 break
         if batches is None:
             batches = image_loader(images, self.built.pre, self.config, augment,
@@ -226,15 +225,16 @@ class Features:
             with torch.no_grad(), autocast(self.config.bf16):
                 return model.features(_to_device(x, self.config.channels_last), start, block).float().cpu()
 
-        progress = tqdm(batches, desc=f"caching block {block} features", total=-(-len(images) // self.config.batch_size),
-                        leave=False, disable=None)
-        return self.store.compute(self._key(images, block, augment, view), progress, len(images), run_blocks)
+        progress = tqdm(batches, desc=f"caching block {block} features", total=-(-len(images) // n), leave=False,
+                        disable=None)
+        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
 
     def feed(self, splits: Splits, block: int) -> CachedFeed:
         augment = self.config.augment
-        views = [self.get(splits.train, block, augment, v) for v in range(self.config.cache_views if augment != "none" else 1)]
-        val = self.get(splits.val, block)
-        return CachedFeed(block, views, splits.train.labels, val, splits.val.labels, self.config)
+        views = range(self.config.cache_views if augment != "none" else 1)
+        train = [self.get(splits.train, block, augment, v) for v in views]
+        return CachedFeed(block, train, splits.train.labels, self.get(splits.val, block), splits.val.labels,
+                          self.config)
 
 
 def feature_store(config: TrainConfig) -> FeatureCache:
