@@ -37,7 +37,7 @@ HELP = {
     "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir (default 4)",
     "bf16": "bfloat16 autocast (default on)",
     "channels_last": "channels-last memory format (default on)",
-    "workers": "image decoding processes (default: CPU count, at most 4)",
+    "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4)",
     "max_pixels": "images with more pixels are refused as decompression bombs (default 89,478,485)",
 }
 

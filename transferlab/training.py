@@ -141,6 +141,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
+def default_workers() -> int:
+    """Decoding processes: none on two cores or fewer, where measured throughput is best with decoding between
+    batches (worker processes there only contend with the model's threads); else up to four."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(cores - 1, 4)
+
+
 def image_loader(images: ImageSet, pre: Preprocessing, config: TrainConfig, augment: str = "none",
                  order: list[int] | None = None, view: int | None = None) -> torch.utils.data.DataLoader:
     """Decode and resize in worker processes; uint8 batches (normalisation happens in the model).
@@ -148,7 +155,7 @@ def image_loader(images: ImageSet, pre: Preprocessing, config: TrainConfig, augm
     `view` seeds augmentation per (seed, view, image) so a cached view is reproducible. The loader gets its
     own generator so that it never draws from (and shifts) the global RNG that dropout uses.
     """
-    workers = config.workers if config.workers is not None else min(os.cpu_count() or 1, 4)
+    workers = config.workers if config.workers is not None else default_workers()
     dataset = data.ImageDataset(images, pre, augment, config.max_pixels,
                                 seed=None if view is None else config.seed, view=view or 0)
     return torch.utils.data.DataLoader(
