@@ -166,6 +166,8 @@ def test_train_learns_saves_and_round_trips(trained, folder, tmp_path):
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "model.safetensors", "history.csv",
                                                     "metrics.json", "split.csv"}
     assert [s["frozen"] for s in trained.info["stages"]] == [8]
+    mode = lambda name: (run_dir / name).stat().st_mode  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # as readable as the rest, per the umask
     loaded = tl.load(run_dir)
     images = data.scan(folder)
     assert np.array_equal(trained.probabilities(images), loaded.probabilities(images))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from . import data, metrics
 from .config import TrainConfig
@@ -124,7 +124,8 @@ class Run:
         staging.mkdir()
         try:
             state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-            save_file(state, str(staging / "model.safetensors"), metadata={"format": FORMAT})
+            # bytes written by us, not save_file, which makes owner-only files whatever the umask
+            (staging / "model.safetensors").write_bytes(save(state, metadata={"format": FORMAT}))
             (staging / "config.json").write_text(json.dumps(
                 {"format": FORMAT, "config": self.config.to_dict(), **self.info}, indent=2))
             (staging / "history.csv").write_text(to_csv(self.history))
