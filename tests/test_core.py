@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -254,3 +255,15 @@ def test_offline_imagenet_weights_and_preprocessing_recognise_real_photos():
         top = (built.model.eval().features(x).mean((2, 3)) @ shipped["_fc.weight"].T + shipped["_fc.bias"]).argmax(1)
     named = [0 if 281 <= c <= 285 else 1 if 151 <= c <= 268 else -1 for c in top.tolist()]
     assert sum(p == y for p, y in zip(named, images.labels)) >= 24
+
+
+def test_download_unpacks_a_named_dataset_into_the_data_dir(tmp_path, monkeypatch):
+    source = make_folder(tmp_path / "zipped" / "cats_and_dogs_filtered" / "train", per_class=2).parent
+    make_folder(source / "validation", per_class=2)
+    archive = shutil.make_archive(str(tmp_path / "archive"), "zip", tmp_path / "zipped")
+    monkeypatch.setattr(data.urllib.request, "urlretrieve", lambda url, to: shutil.copy(archive, to))
+    monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path / "datasets"))
+    assert data.download("cats-vs-dogs") == tmp_path / "datasets" / "cats-vs-dogs"
+    assert data.resolve("cats-vs-dogs")[1] == tmp_path / "datasets" / "cats-vs-dogs" / "validation"
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["cats-vs-dogs"]
+    assert data.scan(tmp_path / "datasets" / "cats-vs-dogs" / "train").counts() == {"cats": 2, "dogs": 2}

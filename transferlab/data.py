@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
+import shutil
 import urllib.request
 import warnings
 import zipfile
@@ -277,11 +277,11 @@ def download(name: str) -> Path:
             f"or put the images in {target}/{{train,validation}}/<class>/"
         ) from None
     tmp = target.parent / (name + ".partial")
-    opener = zipfile.ZipFile if zipfile.is_zipfile(archive) else tarfile.open
-    with opener(archive) as a:
-        a.extractall(tmp)
-    inner = next(p for p in tmp.rglob("train") if p.is_dir()).parent
-    inner.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(archive) as z:  # extractall keeps every member inside `tmp`
+        z.extractall(tmp)
+    next(p for p in tmp.rglob("train") if p.is_dir()).parent.rename(target)
+    shutil.rmtree(tmp)
     archive.unlink()
     return target
 
