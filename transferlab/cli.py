@@ -197,7 +197,6 @@ def cmd_data(args) -> int:
         return 0
     images = data.scan(args.folder, max_pixels=args.max_pixels)
     summary = images.summary()
-    summary["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in summary["skipped"]]
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -53,7 +53,7 @@ class Comparison:
     config: TrainConfig  # shared settings; each run's own config differs only in `strategy`
     splits: Splits
     runs: dict[str, Run]
-    val_probs: dict[str, np.ndarray]  # [val images, classes] from the full model on decoded images
+    val_probs: dict[str, np.ndarray]  # [val images, classes] of each restored best model
     rows: list[dict]
     out: Path
 
@@ -97,7 +97,7 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
         tqdm.write(f"== {name} ({i}/{len(configs)}) ==")
         misses = store.misses
         runs[name] = run = train(cfg, out / name, splits=splits, store=store, overwrite=overwrite)
-        val_probs[name] = run.probabilities(splits.val)
+        val_probs[name] = run.val_probabilities  # what its metrics came from; no second pass
         test_probs = run.probabilities(splits.test) if splits.test else None
         entries.append(_entry(name, run, splits, val_probs[name], test_probs) | {
             "features_computed": store.misses - misses})

@@ -83,7 +83,7 @@ def _sections(c: Comparison, figures: list[str]) -> list[Section]:
         Section("Set-up", table=[["", ""]] + _setup(c)),
         Section("Results", [
             "train acc: running accuracy during the best epoch (dropout and augmentation on). val and test: the "
-            "restored best model on the decoded images. seconds: training time, validation passes included."],
+            "restored best model. seconds: training time, validation passes included."],
             table=table(c.rows)),
         Section("Observations", observations(c)),
         Section("Training curves", figures=present("val_accuracy", "val_loss", "train_vs_val")),

@@ -109,6 +109,7 @@ class Run:
     metrics: dict
     split: list[dict]
     path: Path | None = None
+    val_probabilities: np.ndarray | None = None  # right after training; not saved
 
     @property
     def classes(self) -> list[str]:

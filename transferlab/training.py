@@ -447,7 +447,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
         }
         split = [{"split": name, "path": str(f), "label": s.classes[y]}
                  for name, s in (("train", splits.train), ("val", splits.val)) for f, y in zip(s.files, s.labels)]
-        run = Run(config, info, model.eval(), history, result, split)
+        run = Run(config, info, model.eval(), history, result, split, val_probabilities=probs.numpy())
         if out is not None:
             run.save(out, overwrite)
             checkpoint.unlink()
