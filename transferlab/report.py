@@ -121,7 +121,7 @@ def _setup(c: Comparison) -> list[list[str]]:
         ["weights", "; ".join(f"{src}: {', '.join(names)}" for src, names in sources.items())],
     ]
     skip = {"data", "val", "val_split", "strategy", "weights", "backbone", "cache_dir", "cache_ram_gb", "workers",
-            "max_pixels"}
+            "max_pixels"} | ({"cache_views"} if cfg.augment == "none" else set())  # one exact view without augmentation
     return rows + [[k.replace("_", " "), _value(v)] for k, v in cfg.to_dict().items() if k not in skip]
 
 
