@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import backbones, cache, data, metrics, weights
+from . import backbones, cache, data, metrics, precision, weights
 from .cache import FeatureCache
 from .config import TrainConfig
 from .data import ImageSet, Preprocessing
@@ -38,9 +38,8 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(enabled: bool):
-    dev = device().type
-    return torch.autocast(dev, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return precision.autocast(enabled, device().type)
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
