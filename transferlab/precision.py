@@ -14,7 +14,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.overrides import TorchFunctionMode
 
 
@@ -66,15 +65,18 @@ class DepthwiseConv(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        stride, *_ = conv = ctx.conv
-        fp32 = torch.float32
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            dtype = fp32 if max(stride) > 1 else x.dtype
-            grad_x = conv2d_input(x.shape, weight.to(dtype), grad.to(dtype), *conv).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dtype = fp32 if max(weight.shape[-2:]) > 3 else x.dtype
-            grad_w = conv2d_weight(x.to(dtype), weight.shape, grad.to(dtype), *conv).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3), dtype=fp32)
+        stride, padding, dilation, groups = ctx.conv
+
+        def gradient(i: int, fp32: bool) -> torch.Tensor:
+            """The input (i=0) or weight (i=1) gradient, in fp32 or in the forward's dtype."""
+            dtype = torch.float32 if fp32 else x.dtype
+            # the input gradient needs only x's shape and memory layout (channels_last stays channels_last)
+            inp = x.to(dtype) if i == 1 else torch.empty_like(x, dtype=dtype)
+            return torch.ops.aten.convolution_backward(
+                grad.to(dtype), inp, weight.to(dtype), None, stride, padding, dilation, False, [0, 0], groups,
+                [i == 0, i == 1, False])[i]
+
+        grad_x = gradient(0, fp32=max(stride) > 1).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = gradient(1, fp32=max(weight.shape[-2:]) > 3).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None
