@@ -23,6 +23,7 @@ import torch
 
 from transferlab import data
 from transferlab.cache import FeatureCache
+from transferlab.compare import training_order
 from transferlab.config import TrainConfig
 from transferlab.training import autocast, build_model, image_loader, load_splits, train
 
@@ -101,9 +102,10 @@ def main() -> None:
     # 4. the three strategies, ours vs the notebook way
     ours_total, notebook_total, accuracy = 0.0, 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
-        shared = FeatureCache(Path(tmp), RAM)  # one cache for all three strategies, as `compare` does
-        for strategy in ("feature-extraction", "partial", "full"):
-            config = replace(base, strategy=strategy, epochs=args.epochs)
+        shared = FeatureCache(Path(tmp), RAM)  # one cache for the three, as in `compare`
+        configs = {s: replace(base, strategy=s, epochs=args.epochs) for s in ("feature-extraction", "partial", "full")}
+        for strategy in training_order(configs):  # as compare trains them: partial's prefix then serves both
+            config = configs[strategy]
             ours, ours_run = timed_train(config, splits, shared)
             notebook, notebook_run = timed_train(replace(config, cache=False, bf16=False, channels_last=False), splits)
             ours_total += ours

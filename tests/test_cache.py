@@ -77,3 +77,21 @@ def test_augmented_views_are_reproducible_and_differ(folder, tiny):
     images = data.scan(folder)
     view = lambda v: data.ImageDataset(images, run.preprocessing, "standard", seed=0, view=v)[5][0]  # noqa: E731
     assert torch.equal(view(1), view(1)) and not torch.equal(view(0), view(1))
+
+
+def test_with_nothing_frozen_unaugmented_images_are_decoded_once_with_the_same_result(folder, tiny, monkeypatch):
+    calls = []
+    original = training.image_loader
+    monkeypatch.setattr(training, "image_loader", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    options = tiny | {"strategy": "full", "epochs": 3, "patience": 0}
+    once = tl.train(folder, **options)
+    assert len(calls) == 2  # train and validation, for 3 epochs and the final evaluation
+    calls.clear()
+    every_epoch = tl.train(folder, cache=False, **options)
+    assert len(calls) == 3 * 2 + 1
+    assert [h["val_loss"] for h in once.history] == [h["val_loss"] for h in every_epoch.history]
+    images = data.scan(folder)
+    assert np.array_equal(once.probabilities(images), every_epoch.probabilities(images))
+    calls.clear()
+    tl.train(folder, cache_ram_gb=1e-6, **options)  # beyond the RAM budget: decoded every epoch
+    assert len(calls) == 3 * 2 + 1

@@ -15,7 +15,7 @@ from torch import nn
 
 import transferlab as tl
 from transferlab import cli
-from transferlab.compare import COLUMNS
+from transferlab.compare import COLUMNS, training_order
 from transferlab.data import Preprocessing
 from transferlab.model import Classifier, make_head
 from transferlab.report import grad_cam, mcnemar
@@ -148,3 +148,9 @@ def test_cli_compare_prints_the_table_and_refuses_to_clobber(folder, tmp_path, c
 def test_cli_compare_rejects_bad_strategy_lists(strategies, message, folder, tmp_path, capsys):
     assert cli.main(["compare", "--data", str(folder), "--strategies", strategies, "--out", str(tmp_path / "c")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shallower_frozen_prefixes_train_first_so_deeper_ones_start_from_their_features():
+    configs = {s: tl.TrainConfig(data="d", strategy=s, backbone="tf_efficientnet_lite0", unfreeze_blocks=2)
+               for s in ["full", "feature-extraction", "two-stage", "partial", "scratch"]}
+    assert training_order(configs) == ["two-stage", "partial", "feature-extraction", "full", "scratch"]

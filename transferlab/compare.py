@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import metrics
+from . import backbones, metrics
 from .config import TrainConfig
 from .data import Preprocessing
 from .errors import TransferlabError
 from .runs import Run, check_writable, to_csv, write_atomic
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, stages
 from .training import Splits, feature_store, load_splits, train
 
 # (key, header, format): the flat columns, in the order of the CSV, the terminal table and the reports
@@ -48,7 +48,7 @@ COLUMNS = [
 
 @dataclass
 class Comparison:
-    """The trained runs with their numbers; `rows` are comparison.json's entries, in training order."""
+    """The trained runs with their numbers; `rows` are comparison.json's entries, in the order asked for."""
 
     config: TrainConfig  # shared settings; each run's own config differs only in `strategy`
     splits: Splits
@@ -93,7 +93,8 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
     splits = load_splits(config, test)
     store = feature_store(config)
     runs, val_probs, entries = {}, {}, []
-    for i, (name, cfg) in enumerate(configs.items(), 1):
+    for i, name in enumerate(training_order(configs), 1):
+        cfg = configs[name]
         tqdm.write(f"== {name} ({i}/{len(configs)}) ==")
         misses = store.misses
         runs[name] = run = train(cfg, out / name, splits=splits, store=store, overwrite=overwrite)
@@ -101,7 +102,8 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
         test_probs = run.probabilities(splits.test) if splits.test else None
         entries.append(_entry(name, run, splits, val_probs[name], test_probs) | {
             "features_computed": store.misses - misses})
-    comparison = Comparison(config, splits, runs, val_probs, entries, out)
+    entries.sort(key=lambda row: list(configs).index(row["strategy"]))  # rows in the order asked for
+    comparison = Comparison(config, splits, {name: runs[name] for name in configs}, val_probs, entries, out)
     _write(comparison)
     report.write(comparison)
     return comparison
@@ -114,6 +116,20 @@ def _configs(config: TrainConfig, strategies: Sequence[str]) -> dict[str, TrainC
     if not strategies or len(set(strategies)) != len(strategies):
         raise TransferlabError(f"name each strategy to compare once, got {', '.join(strategies) or 'none'}")
     return {s: dataclasses.replace(config, strategy=s) for s in strategies}
+
+
+def training_order(configs: dict[str, TrainConfig]) -> list[str]:
+    """Strategies that cache a shallower frozen prefix train first, so that deeper prefixes are computed from
+    their cached features instead of from the images: feature extraction after partial fine-tuning runs one
+    block per image, not the whole backbone. Strategies with nothing frozen (full, scratch) train last."""
+    config = next(iter(configs.values()))
+    n = len(backbones.describe(config.backbone)["blocks"])
+
+    def shallowest_prefix(cfg: TrainConfig) -> int:
+        plan = stages(cfg.strategy, n, cfg.unfreeze_blocks, cfg.epochs, cfg.head_epochs)
+        return min((s.frozen for s in plan if s.frozen), default=n + 1)
+
+    return sorted(configs, key=lambda name: shallowest_prefix(configs[name]))
 
 
 def _entry(name: str, run: Run, splits: Splits, val_probs: np.ndarray, test_probs: np.ndarray | None) -> dict:

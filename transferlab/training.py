@@ -2,7 +2,8 @@
 
 The fit loop knows nothing about caching: a stage gets a *feed* whose batches enter the model at block
 `start` (0 for images). With the cache on, `start` is the first trainable block, so frozen blocks run once
-per image (per augmented view) for the whole run instead of once per image per epoch.
+per image (per augmented view) for the whole run instead of once per image per epoch; with nothing frozen and
+no augmentation, the images themselves are decoded once.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class ImageFeed:
 
 
 class CachedFeed:
-    """Batches of cached block-`start` features; epoch e draws augmented view e % views."""
+    """Batches of cached block-`start` features (start 0: decoded images); epoch e draws augmented view e % views."""
 
     def __init__(self, start: int, views: list[np.ndarray], labels: list[int], val: np.ndarray,
                  val_labels: list[int], config: TrainConfig):
@@ -235,11 +236,28 @@ class Features:
                         disable=None)
         return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
 
-    def feed(self, splits: Splits, block: int) -> CachedFeed:
+    def feed(self, splits: Splits, block: int) -> CachedFeed | None:
+        """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""
+        if block == 0:
+            return self.images(splits)
         augment = self.config.augment
         views = range(self.config.cache_views if augment != "none" else 1)
         train = [self.get(splits.train, block, augment, v) for v in views]
         return CachedFeed(block, train, splits.train.labels, self.get(splits.val, block), splits.val.labels,
+                          self.config)
+
+
+    def images(self, splits: Splits) -> CachedFeed | None:
+        """Unaugmented images are a pure function of their files too: decoded once and kept in RAM as uint8 for
+        every epoch; None with augmentation or beyond the RAM budget (the images are then decoded each epoch)."""
+        size = self.built.pre.size
+        if self.config.augment != "none" or (len(splits.train) + len(splits.val)) * 3 * size**2 > self.store.ram_bytes:
+            return None
+
+        def decode(images: ImageSet) -> np.ndarray:
+            return torch.cat([x for x, _ in image_loader(images, self.built.pre, self.config)]).numpy()
+
+        return CachedFeed(0, [decode(splits.train)], splits.train.labels, decode(splits.val), splits.val.labels,
                           self.config)
 
 
@@ -422,8 +440,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
             for frozen in sorted({s.frozen for s in plan[progress.stage:] if s.frozen > 0}):
                 features.feed(splits, frozen)
         for stage in plan[progress.stage:]:
-            use_cache = features is not None and stage.frozen > 0
-            feed = features.feed(splits, stage.frozen) if use_cache else ImageFeed(splits, built.pre, config)
+            feed = (features and features.feed(splits, stage.frozen)) or ImageFeed(splits, built.pre, config)
             fit(model, stage, feed, config, progress, save_checkpoint if checkpoint else None)
             best_epoch, history = progress.best_epoch, progress.history
             progress = Progress(progress.stage + 1, seconds=progress.seconds, history=history)
