@@ -1,4 +1,5 @@
-"""Mixed precision: depthwise convolutions take fp32 gradients where bf16 is slow, with the same results."""
+"""Speed that must not change results: fp32 gradients for depthwise convolutions where bf16 is slow, and
+inference-mode BatchNorm folded into the convolution before it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab import precision
+from transferlab.config import TrainConfig
+from transferlab.model import FoldedBatchNorm
+from transferlab.training import build_model
 
 
 class Depthwise(nn.Module):
@@ -58,3 +62,57 @@ def test_only_depthwise_convolutions_that_need_gradients_are_rerouted():
         with torch.no_grad():
             assert model.strided(model.stem(x)).dtype == torch.bfloat16
     assert model.strided(model.stem(x)).grad_fn.__class__.__name__ != "DepthwiseConvBackward"
+
+
+def _randomise_batchnorm(module: nn.Module) -> None:
+    """Statistics and affine weights far from the identity, so that a wrong fold shows."""
+    torch.manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet50", "mobilenetv2_100"])
+def test_folded_batchnorm_gives_the_unfolded_outputs_and_gradients(backbone):
+    config = TrainConfig(data=".", backbone=backbone, weights="none", image_size=64, bf16=False,
+                         channels_last=False, dropout=0.0)
+    model = build_model(config, 2).model
+    norms = [m for m in model.blocks.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(model.folding.bn_of) == len(norms)  # every BatchNorm of these follows a convolution
+    _randomise_batchnorm(model)
+    model.freeze(2, bn_frozen=True)
+    model.train()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(x)
+        out.sum().backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    folded, folded_grads = run()
+    model.folding.bn_of, pairs = {}, model.folding.bn_of
+    plain, plain_grads = run()
+    model.folding.bn_of = pairs
+    assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4)
+    assert folded_grads.keys() == plain_grads.keys() and any("bn" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(folded_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max()), name
+
+
+def test_a_convolution_whose_output_also_goes_elsewhere_is_not_folded():
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    blocks = nn.ModuleList([Branching()])
+    _randomise_batchnorm(blocks)
+    assert FoldedBatchNorm(blocks, torch.randn(1, 3, 8, 8)).bn_of == {}

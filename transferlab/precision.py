@@ -28,7 +28,7 @@ def autocast(enabled: bool, device: str = "cpu") -> contextlib.AbstractContextMa
     return stack
 
 
-def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """F.conv2d's arguments by name, however they were passed."""
     return input, weight, bias, stride, padding, dilation, groups
 
@@ -39,7 +39,7 @@ class DepthwiseGradients(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d and torch.is_grad_enabled():
-            x, w, b, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+            x, w, b, stride, padding, dilation, groups = conv_args(*args, **kwargs)
             needs_grad = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
             if groups > 1 and w.shape[1] == 1 and needs_grad and not isinstance(padding, str):
                 return DepthwiseConv.apply(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
