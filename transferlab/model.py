@@ -29,7 +29,8 @@ class Classifier(nn.Module):
 
     `frozen` blocks from the start have no gradients and always run in inference mode, so their BatchNorm
     statistics never drift (the classic fine-tuning bug). `bn_frozen` extends inference-mode BatchNorm to
-    the trained blocks too (Keras' fine-tuning recipe; their affine weights still learn).
+    the trained blocks too (Keras' fine-tuning recipe; their affine weights still learn). BatchNorm in
+    inference mode is folded into the convolution before it (`FoldedBatchNorm`), which is only faster.
     """
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, pre: Preprocessing):

@@ -4,8 +4,10 @@ On CPUs with AVX-512 BF16, oneDNN's bf16 kernels make a forward pass about 3x fa
 its bf16 depthwise-convolution backward kernels are slower than fp32 by far. Measured on these machines
 (EPYC, 2 cores, batch 32, channels_last, milliseconds bf16 vs fp32): the input gradient of a strided one,
 96 channels at 112x112: 100 vs 39, 672 channels 5x5 at 14x14: 71 vs 0.7; the weight gradient of a 5x5 one,
-1152 channels at 7x7: 24 vs 5. MobileNet and EfficientNet are made of such convolutions, so full fine-tuning
-spent two thirds of each step in them. Those two gradients are computed in fp32; everything else stays bf16.
+1152 channels at 7x7: 24 vs 5. MobileNet and EfficientNet are made of such convolutions: a profile of a full
+fine-tuning step of tf_efficientnet_lite0 put 63% of it in convolution backward passes, mostly these. Those
+two gradients are computed in fp32, everything else stays bf16, and the step runs 1.4x faster
+(`benchmarks/speed.py`).
 """
 
 from __future__ import annotations
@@ -67,16 +69,18 @@ class DepthwiseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
 
-        def gradient(i: int, fp32: bool) -> torch.Tensor:
-            """The input (i=0) or weight (i=1) gradient, in fp32 or in the forward's dtype."""
+        def gradients(mask: list[bool], fp32: bool) -> tuple[torch.Tensor | None, ...]:
+            """(input, weight, bias) gradients where `mask` asks, in fp32 or in the forward's dtype."""
             dtype = torch.float32 if fp32 else x.dtype
             # the input gradient needs only x's shape and memory layout (channels_last stays channels_last)
-            inp = x.to(dtype) if i == 1 else torch.empty_like(x, dtype=dtype)
+            inp = x.to(dtype) if mask[1] else torch.empty_like(x, dtype=dtype)
             return torch.ops.aten.convolution_backward(
-                grad.to(dtype), inp, weight.to(dtype), None, stride, padding, dilation, False, [0, 0], groups,
-                [i == 0, i == 1, False])[i]
+                grad.to(dtype), inp, weight.to(dtype), None, stride, padding, dilation, False, [0, 0], groups, mask)
 
-        grad_x = gradient(0, fp32=max(stride) > 1).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = gradient(1, fp32=max(weight.shape[-2:]) > 3).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if needs_x:
+            grad_x = gradients([True, False, False], fp32=max(stride) > 1)[0].to(x.dtype)
+        if needs_w or needs_b:
+            _, grad_w, grad_b = gradients([False, needs_w, needs_b], fp32=max(weight.shape[-2:]) > 3)
         return grad_x, grad_w, grad_b, None, None, None, None
