@@ -31,10 +31,12 @@ HELP = {
     "lr_decay": "factor applied per block going down from the top, for discriminative rates (default 1)",
     "train_bn": "let BatchNorm statistics update in trained blocks (default: frozen, as in Keras' recipe)",
     "seed": "random seed for split, init, shuffling and augmentation (default 0)",
-    "cache": "compute each frozen prefix once and train on cached features (default on)",
+    "cache": "compute each frozen prefix once and train on cached features; with nothing frozen and no "
+             "augmentation, decode the images once (default on)",
     "cache_views": "augmented views cached per training image when --augment is not none (default 2)",
     "cache_dir": "where cached features persist (default $TRANSFERLAB_CACHE or ~/.cache/transferlab/features)",
-    "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir (default 4)",
+    "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir; decoded images are kept "
+                    "only within it (default 4)",
     "bf16": "bfloat16 autocast (default on)",
     "channels_last": "channels-last memory format (default on)",
     "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4)",
