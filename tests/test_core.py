@@ -232,6 +232,8 @@ def test_cli_train_evaluate_predict(folder, tmp_path, capsys):
     (["train", "--data", "/no/such/dir", "--out", "x"], "not found"),
     (["train", "--data", "{folder}", "--strategy", "magic", "--out", "x"], "unknown strategy"),
     (["train", "--data", "{folder}", "--backbone", "nope", "--out", "x"], "unknown backbone"),
+    (["compare", "--data", "{folder}", "--backbone", "nope", "--strategies", "partial,full", "--out", "x"],
+     "unknown backbone"),
     (["train", "--data", "{folder}", "--epochs", "0", "--out", "x"], "positive"),
     (["train", "--data", "{folder}", "--epochs", "ten", "--out", "x"], "invalid int"),
     (["evaluate", "{folder}", "--data", "{folder}"], "not a readable transferlab run"),

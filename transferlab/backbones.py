@@ -74,12 +74,7 @@ def create(name: str, image_size: int | None = None) -> tuple[Backbone, nn.Modul
 
     Image size None means the backbone's pretrained size.
     """
-    try:
-        model = timm.create_model(name, pretrained=False)
-    except RuntimeError:
-        raise TransferlabError(
-            f"unknown backbone {name!r}; try one of {', '.join(LISTED)} or any timm model name"
-        ) from None
+    model = _timm_model(name)
     image_size = image_size or model.pretrained_cfg["input_size"][-1]
     cut = _cut(model)
     blocks = nn.ModuleList(m for _, m in cut)
@@ -96,6 +91,15 @@ def create(name: str, image_size: int | None = None) -> tuple[Backbone, nn.Modul
     if len(blocks) < 2 or got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4):
         raise TransferlabError(f"cannot find the blocks of backbone {name!r}; pick one of {', '.join(LISTED)}")
     return Backbone(name, blocks, [n for n, _ in cut], dict(model.pretrained_cfg), list(expected.shape[1:])), model
+
+
+def _timm_model(name: str) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError:
+        raise TransferlabError(
+            f"unknown backbone {name!r}; try one of {', '.join(LISTED)} or any timm model name"
+        ) from None
 
 
 def preprocessing(cfg: dict, image_size: int | None = None) -> Preprocessing:
@@ -116,7 +120,7 @@ def describe(name: str) -> dict:
     from . import weights
 
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+        model = _timm_model(name)
     cut = _cut(model)
     return {
         "name": name,
