@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .data import Preprocessing
 from .precision import conv_args
@@ -100,7 +101,7 @@ class FoldedBatchNorm(TorchFunctionMode):
 
     def __init__(self, blocks: nn.Module, example: torch.Tensor):
         super().__init__()
-        self.bn_of = {}  # id(conv.weight) -> the BatchNorm that the convolution's output goes to
+        self.bn_of = WeakIdKeyDictionary()  # conv.weight -> the BatchNorm its convolution's output goes to
         convs = [m for m in blocks.modules() if isinstance(m, nn.Conv2d)]
         norms = [m for m in blocks.modules() if isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats]
         if not convs or not norms:
@@ -122,17 +123,17 @@ class FoldedBatchNorm(TorchFunctionMode):
             blocks.load_state_dict(state)
             blocks.train(training)
         if (plain - folded).abs().max() > 1e-3 * plain.abs().max():
-            self.bn_of = {}  # some convolution's output also goes elsewhere: leave this backbone unfolded
+            self.bn_of.clear()  # some convolution's output also goes elsewhere: leave this backbone unfolded
 
     def _pair(self, produced: tuple[nn.Conv2d, torch.Tensor] | None, norm: nn.BatchNorm2d) -> None:
         if produced is not None and produced[0].out_channels == norm.num_features:
-            self.bn_of[id(produced[0].weight)] = norm
+            self.bn_of[produced[0].weight] = norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
             x, weight, bias, *rest = conv_args(*args, **kwargs)
-            norm = self.bn_of.get(id(weight))
+            norm = self.bn_of.get(weight)
             if norm is not None and not norm.training:
                 scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
                 shift = norm.bias - norm.running_mean * scale + (0 if bias is None else bias * scale)
