@@ -141,14 +141,15 @@ class FoldedBatchNorm(TorchFunctionMode):
                 out.folded_into = norm.weight
                 return out
         elif func is F.batch_norm:
-            x = _arg(args, kwargs, 0, "input")
+            x, weight = _batch_norm_args(*args, **kwargs)
             folded_into = getattr(x, "folded_into", None)
-            if folded_into is not None and folded_into is _arg(args, kwargs, 3, "weight"):
+            if folded_into is not None and folded_into is weight:
                 return x
         return func(*args, **kwargs)
 
 
 def _far_from_identity(norms: list[nn.BatchNorm2d]) -> None:
+    """Statistics and affine weights that make each BatchNorm clearly not the identity (seeded)."""
     generator = torch.Generator().manual_seed(0)
     for m in norms:
         for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.5, 2), (m.weight, 0.5, 2),
@@ -156,8 +157,10 @@ def _far_from_identity(norms: list[nn.BatchNorm2d]) -> None:
             tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str):
-    return args[index] if len(args) > index else kwargs.get(name)
+def _batch_norm_args(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5):
+    """F.batch_norm's input and weight, however they were passed."""
+    return input, weight
 
 
 def _run(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -246,7 +246,6 @@ class Features:
         return CachedFeed(block, train, splits.train.labels, self.get(splits.val, block), splits.val.labels,
                           self.config)
 
-
     def images(self, splits: Splits) -> CachedFeed | None:
         """Unaugmented images are a pure function of their files too: decoded once and kept in RAM as uint8 for
         every epoch; None with augmentation or beyond the RAM budget (the images are then decoded each epoch)."""
