@@ -154,3 +154,11 @@ def test_shallower_frozen_prefixes_train_first_so_deeper_ones_start_from_their_f
     configs = {s: tl.TrainConfig(data="d", strategy=s, backbone="tf_efficientnet_lite0", unfreeze_blocks=2)
                for s in ["full", "feature-extraction", "two-stage", "partial", "scratch"]}
     assert training_order(configs) == ["two-stage", "partial", "feature-extraction", "full", "scratch"]
+
+
+def test_the_cost_plot_says_who_paid_for_the_shared_features(comparison):
+    features = {r["strategy"]: r["features_computed"] for r in comparison.rows}
+    assert features["feature-extraction"] == 0 and features["partial"] > 0  # partial trained first
+    md = (comparison.out / "report.md").read_text()
+    assert ("The time of partial, two-stage includes computing frozen-prefix features that feature-extraction "
+            "then read from the cache.") in md

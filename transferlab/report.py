@@ -317,8 +317,8 @@ def _figures(c: Comparison) -> dict[str, tuple[str, Figure]]:
                       _confusions(c.rows, c.splits.classes)),
         "roc": (f"ROC curves on the validation set{averaged}; on the right, the corner where they differ.",
                 _roc(c.rows, c.val_probs, labels, classes)),
-        "accuracy_vs_time": ("Validation accuracy against training time: up and to the left is better.",
-                             _accuracy_vs_time(c.rows)),
+        "accuracy_vs_time": ("Validation accuracy against training time: up and to the left is better."
+                             + _shared_features(c.rows), _accuracy_vs_time(c.rows)),
         "blocks": ("Which blocks each strategy trains (green) and keeps frozen (grey), per stage.",
                    _blocks(c.rows, c.blocks)),
     }
@@ -333,6 +333,16 @@ def _figures(c: Comparison) -> dict[str, tuple[str, Figure]]:
             "Grad-CAM.",
             _mistakes(c, wrong))
     return figures
+
+
+def _shared_features(rows: list[dict]) -> str:
+    """Which strategies paid for the frozen-prefix features that others then read, when some did."""
+    computed = [r["strategy"] for r in rows if r["features_computed"]]
+    readers = [r["strategy"] for r in rows if not r["features_computed"] and any(s["frozen"] for s in r["stages"])]
+    if not computed or not readers:
+        return ""
+    return (f" The time of {', '.join(computed)} includes computing frozen-prefix features that "
+            f"{', '.join(readers)} then read from the cache.")
 
 
 def _curves(rows: list[dict], key: str, title: str) -> Figure:
