@@ -236,6 +236,7 @@ def test_cli_train_evaluate_predict(folder, tmp_path, capsys):
      "unknown backbone"),
     (["train", "--data", "{folder}", "--epochs", "0", "--out", "x"], "positive"),
     (["train", "--data", "{folder}", "--epochs", "ten", "--out", "x"], "invalid int"),
+    (["train", "--data", "{folder}", "--cache-ram-gb", "-1", "--out", "x"], "--cache-ram-gb"),
     (["evaluate", "{folder}", "--data", "{folder}"], "not a readable transferlab run"),
 ])
 def test_cli_errors_are_one_line(argv, message, folder, capsys):

@@ -55,6 +55,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 < self.val_split < 1, "--val-split must be between 0 and 1"),
             (self.cache_views >= 1, "--cache-views must be a positive number"),
+            (self.cache_ram_gb >= 0, "--cache-ram-gb must be 0 (memory-map everything) or more"),
             (self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "--unfreeze-blocks must be positive or 'all'"),
             (all(x is None or x > 0 for x in (self.lr, self.backbone_lr)), "learning rates must be positive"),
             (self.lr_decay > 0, "--lr-decay must be positive"),
