@@ -1,7 +1,11 @@
-"""Speed that must not change results: fp32 gradients for depthwise convolutions where bf16 is slow, and
-inference-mode BatchNorm folded into the convolution before it."""
+"""Speed that must not change results: fp32 gradients for depthwise convolutions where bf16 is slow,
+inference-mode BatchNorm folded into the convolution before it, and freed memory kept for reuse."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -118,3 +122,29 @@ def test_a_convolution_whose_output_also_goes_elsewhere_is_not_folded():
     state = {k: v.clone() for k, v in blocks.state_dict().items()}
     assert len(FoldedBatchNorm(blocks, torch.randn(1, 3, 8, 8)).bn_of) == 0
     assert all(torch.equal(v, blocks.state_dict()[k]) for k, v in state.items())  # the check left no trace
+
+
+def _page_faults(reuse: bool) -> int:
+    """Minor page faults of allocating and freeing a 128 MB tensor five times, in a fresh process."""
+    script = f"""
+        import resource, torch
+        from transferlab.training import reuse_freed_memory
+        if {reuse}:
+            assert reuse_freed_memory()
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):  # glibc's heap settles after the first large blocks
+            torch.ones(2**25)
+        before = faults()
+        for _ in range(5):
+            torch.ones(2**25)
+        print(faults() - before)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    fresh_pages = 5 * 2**27 // 4096
+    assert _page_faults(reuse=False) > fresh_pages * 0.9  # what every large activation costs by default
+    assert _page_faults(reuse=True) < fresh_pages * 0.5  # now and then the heap still grows once

@@ -176,8 +176,9 @@ class Run:
 
     def probabilities(self, images: data.ImageSet) -> np.ndarray:
         """[images, classes] probabilities from the full model (decoded afresh, no cache)."""
-        from .training import image_loader, run_epoch
+        from .training import image_loader, reuse_freed_memory, run_epoch
 
+        reuse_freed_memory()
         loader = image_loader(images, self.preprocessing, self.config)
         return run_epoch(self.model, loader, 0, self.config, desc="predicting")[2].numpy()
 
