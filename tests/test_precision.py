@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from transferlab import precision
 from transferlab.config import TrainConfig
-from transferlab.model import FoldedBatchNorm
+from transferlab.model import Classifier, FoldedBatchNorm
 from transferlab.training import build_model
 
 
@@ -83,26 +84,23 @@ def _randomise_batchnorm(module: nn.Module) -> None:
 def test_folded_batchnorm_gives_the_unfolded_outputs_and_gradients(backbone):
     config = TrainConfig(data=".", backbone=backbone, weights="none", image_size=64, bf16=False,
                          channels_last=False, dropout=0.0)
-    model = build_model(config, 2).model
-    norms = [m for m in model.blocks.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(model.folding.bn_of) == len(norms)  # every BatchNorm of these follows a convolution
-    _randomise_batchnorm(model)
-    model.freeze(2, bn_frozen=True)
-    model.train()
+    folded, plain = build_model(config, 2).model, build_model(replace(config, fold_bn=False), 2).model
+    norms = [m for m in folded.blocks.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(folded.folding.bn_of) == len(norms)  # every BatchNorm of these follows a convolution
+    assert not isinstance(plain.folding, FoldedBatchNorm)
+    _randomise_batchnorm(folded)
+    plain.load_state_dict(folded.state_dict())
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
 
-    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad()
+    def run(model: Classifier) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.freeze(2, bn_frozen=True)
+        model.train()
         out = model(x)
         out.sum().backward()
         return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    folded, folded_grads = run()
-    pairs = dict(model.folding.bn_of.items())
-    model.folding.bn_of.clear()
-    plain, plain_grads = run()
-    model.folding.bn_of.update(pairs)
-    assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4)
+    (folded_out, folded_grads), (plain_out, plain_grads) = run(folded), run(plain)
+    assert torch.allclose(folded_out, plain_out, rtol=1e-4, atol=1e-4)
     assert folded_grads.keys() == plain_grads.keys() and any("bn" in n for n in plain_grads)
     for name, grad in plain_grads.items():
         assert torch.allclose(folded_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max()), name
@@ -128,7 +126,7 @@ def _page_faults(reuse: bool) -> int:
     """Minor page faults of allocating and freeing a 128 MB tensor five times, in a fresh process."""
     script = f"""
         import resource, torch
-        from transferlab.training import reuse_freed_memory
+        from transferlab.memory import reuse_freed_memory
         if {reuse}:
             assert reuse_freed_memory()
         faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -144,7 +142,7 @@ def _page_faults(reuse: bool) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+def test_reusing_freed_memory_stops_large_blocks_faulting_in_fresh_pages():
     fresh_pages = 5 * 2**27 // 4096
     assert _page_faults(reuse=False) > fresh_pages * 0.9  # what every large activation costs by default
     assert _page_faults(reuse=True) < fresh_pages * 0.5  # now and then the heap still grows once

@@ -10,6 +10,7 @@ from pathlib import Path
 from .compare import compare
 from .config import TrainConfig
 from .errors import TransferlabError
+from .memory import reuse_freed_memory
 from .runs import Run
 
 __all__ = ["TrainConfig", "TransferlabError", "Run", "train", "resume", "load", "compare"]
@@ -19,6 +20,7 @@ def train(data: str | Path, out: str | Path | None = None, overwrite: bool = Fal
     """Train on a folder of class sub-folders (or a named dataset); options are TrainConfig fields."""
     from .training import train as _train
 
+    reuse_freed_memory()
     return _train(TrainConfig(data=str(data), **options), out, overwrite=overwrite)
 
 
@@ -26,6 +28,7 @@ def resume(out: str | Path) -> Run:
     """Continue a run that Ctrl-C or SIGTERM interrupted; it ends as the uninterrupted run would have."""
     from .training import resume as _resume
 
+    reuse_freed_memory()
     return _resume(out)
 
 

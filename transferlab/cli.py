@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 
 from .config import TrainConfig
 from .errors import TransferlabError
+from .memory import reuse_freed_memory
 
 HELP = {
     "val": "validation folder with the same class sub-folders (default: --val-split of --data)",
@@ -39,6 +40,7 @@ HELP = {
                     "only within it (default 4)",
     "bf16": "bfloat16 autocast (default on)",
     "channels_last": "channels-last memory format (default on)",
+    "fold_bn": "fold inference-mode BatchNorm into the convolution before it: the same results, faster (default on)",
     "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4)",
     "max_pixels": "images with more pixels are refused as decompression bombs (default 89,478,485)",
 }
@@ -240,6 +242,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        reuse_freed_memory()
         return COMMANDS[args.command](args)
     except TransferlabError as e:
         print(f"transferlab: error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from . import backbones, metrics
 from .config import TrainConfig
 from .data import Preprocessing
 from .errors import TransferlabError
+from .memory import reuse_freed_memory
 from .runs import Run, check_writable, to_csv, write_atomic
 from .strategies import STRATEGIES, stages
 from .training import Splits, feature_store, load_splits, train
@@ -77,6 +78,7 @@ def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: 
     """Train each strategy on `data` and write the comparison and its report to `out`; options are
     TrainConfig fields (except strategy)."""
     config = TrainConfig(data=str(data), **options)
+    reuse_freed_memory()
     return run_comparison(config, strategies, out, None if test is None else str(test), overwrite)
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     cache_ram_gb: float = 4.0
     bf16: bool = True
     channels_last: bool = True
+    fold_bn: bool = True
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 

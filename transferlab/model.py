@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +33,11 @@ class Classifier(nn.Module):
     `frozen` blocks from the start have no gradients and always run in inference mode, so their BatchNorm
     statistics never drift (the classic fine-tuning bug). `bn_frozen` extends inference-mode BatchNorm to
     the trained blocks too (Keras' fine-tuning recipe; their affine weights still learn). BatchNorm in
-    inference mode is folded into the convolution before it (`FoldedBatchNorm`), which is only faster.
+    inference mode is folded into the convolution before it (`FoldedBatchNorm`) unless `fold_bn` is off, which
+    is only faster.
     """
 
-    def __init__(self, blocks: nn.ModuleList, head: nn.Module, pre: Preprocessing):
+    def __init__(self, blocks: nn.ModuleList, head: nn.Module, pre: Preprocessing, fold_bn: bool = True):
         super().__init__()
         self.blocks, self.head = blocks, head
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
@@ -42,7 +45,7 @@ class Classifier(nn.Module):
         self.frozen = 0
         self.bn_frozen = False
         example = torch.randn(1, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(0))
-        self.folding = FoldedBatchNorm(blocks, example)
+        self.folding = FoldedBatchNorm(blocks, example) if fold_bn else contextlib.nullcontext()
 
     @property
     def num_blocks(self) -> int:

@@ -176,7 +176,8 @@ class Run:
 
     def probabilities(self, images: data.ImageSet) -> np.ndarray:
         """[images, classes] probabilities from the full model (decoded afresh, no cache)."""
-        from .training import image_loader, reuse_freed_memory, run_epoch
+        from .memory import reuse_freed_memory
+        from .training import image_loader, run_epoch
 
         reuse_freed_memory()
         loader = image_loader(images, self.preprocessing, self.config)

@@ -9,14 +9,11 @@ no augmentation, the images themselves are decoded once.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,26 +41,6 @@ def device() -> torch.device:
 
 def autocast(enabled: bool) -> contextlib.AbstractContextManager:
     return precision.autocast(enabled, device().type)
-
-
-@functools.cache
-def reuse_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse; True where it took.
-
-    By default it hands every block over 32 MB back to the kernel when freed, so each large activation of
-    every step comes back as fresh pages. Their page faults made a full fine-tuning step of
-    tf_efficientnet_lite0 (batch 32, 2 cores) 1.4x slower in bf16 (51 vs 73 images/s) and 1.7x in fp32 (30 vs
-    51). PyTorch's own CPU launcher (torch.backends.xeon.run_cpu) avoids them by preloading tcmalloc; this
-    needs no preload. The price: memory the process freed stays with it (for its next batch) until it exits.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,7 +122,7 @@ def build_model(config: TrainConfig, num_classes: int, load_weights: bool = True
     pre = backbones.preprocessing(backbone.pretrained_cfg, config.image_size)
     source = weights.load(timm_model, config.backbone, config.weights) if load_weights else config.weights
     head = make_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
-    model = Classifier(backbone.blocks, head, pre).to(device())
+    model = Classifier(backbone.blocks, head, pre, config.fold_bn).to(device())
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Built(model, pre, backbone.block_names, backbone.feature_shape, source)
@@ -432,7 +409,6 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     With `out`, every epoch is checkpointed beside it, so Ctrl-C or SIGTERM stops with an `Interrupted` that
     `resume(out)` continues from; `progress` is that continuation's starting point.
     """
-    reuse_freed_memory()
     checkpoint = None if out is None else checkpoint_path(Path(out))
     if checkpoint and not progress:
         check_writable(Path(out), overwrite)
