@@ -5,8 +5,8 @@
 1. feature extraction, 10 epochs vs 1 epoch (early stopping off)            goal <= 1.3
 2. whole-pipeline images/s (decode + model) vs model-only images/s, best of 3   goal >= 0.85
    (tf_efficientnet_lite0; resnet50, a slower model, for scale)
-   and two full fine-tuning steps: freed memory reused vs glibc's default (`memory`), and fp32 depthwise
-   gradients vs plain bf16 autocast (`precision`)
+   and full fine-tuning steps: fp32 depthwise gradients vs plain bf16 autocast (`precision`), and freed
+   memory reused vs a fresh process's glibc default (`memory`), in bf16 and in fp32
 3. partial (last block) vs full fine-tuning, seconds per epoch, VGG16 and EfficientNet-Lite0
 4. feature-extraction + partial + full vs the notebook way at the same epochs: the frozen backbone re-run
    every epoch, fp32, no cache, plain BatchNorm, in a process as a notebook's (glibc's default malloc), so it
@@ -78,30 +78,32 @@ def images_per_second(config: TrainConfig, images: data.ImageSet) -> tuple[float
     return alternating_best(lambda: run(image_loader(images, built.pre, config)), lambda: run(in_memory))
 
 
-OURS = lambda: autocast(True)  # noqa: E731  transferlab's precision: bf16, fp32 depthwise gradients
-PLAIN = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+PLAIN = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731  bf16 without transferlab's precision
 
 
-def full_step(config: TrainConfig, batches: int = 6) -> Callable[[Callable], float]:
-    """A timer of full fine-tuning steps (BatchNorm folded) in a given autocast context, images/s."""
+def full_step(config: TrainConfig, batches: int = 6) -> Callable[..., float]:
+    """A timer of full fine-tuning steps in `config`'s precision and memory format (or a given autocast
+    context), images/s."""
     model = build_model(config, 2).model
     model.freeze(0, bn_frozen=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randint(0, 256, (config.batch_size, 3, 224, 224), dtype=torch.uint8)
-    x, y = x.contiguous(memory_format=torch.channels_last), torch.randint(0, 2, (config.batch_size,))
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (config.batch_size,))
 
-    def run(context: Callable) -> float:
+    def run(context: Callable | None = None) -> float:
         began = time.perf_counter()
         for _ in range(batches):
-            with context():
+            with context() if context else autocast(config.bf16):
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         return batches * config.batch_size / (time.perf_counter() - began)
 
-    run(OURS)  # warm-up
+    run()  # warm-up
     return run
 
 
@@ -117,15 +119,14 @@ def main() -> None:
     configs = {s: replace(base, strategy=s, epochs=args.epochs) for s in ("feature-extraction", "partial", "full")}
     order = training_order(configs)  # as compare trains them: partial's prefix then serves feature extraction
 
-    # 4, first half: the notebook way, while this process allocates memory as a notebook's does
+    # 2c, first: full fine-tuning steps as a fresh process allocates memory (glibc's default, which adapts to
+    # what the process has freed before), then 4, first half: the notebook way, in that state too
+    steps = {"bf16": full_step(base), "fp32": full_step(replace(base, bf16=False, channels_last=False))}
+    default_malloc = {name: max(step() for _ in range(3)) for name, step in steps.items()}
     notebook = {s: timed_train(replace(configs[s], cache=False, bf16=False, channels_last=False, fold_bn=False),
                                splits) for s in order}
-
-    # 2c. what keeping freed memory buys a full fine-tuning step (it cannot be undone, so measured once each)
-    step = full_step(base)
-    default_malloc = max(step(OURS) for _ in range(3))
     reuse_freed_memory()  # as transferlab's entry points do; everything below runs with it
-    reused = max(step(OURS) for _ in range(3))
+    reused = {name: max(step() for _ in range(3)) for name, step in steps.items()}
 
     # 1. feature extraction, 10 epochs vs 1
     fe = replace(base, strategy="feature-extraction")
@@ -142,11 +143,13 @@ def main() -> None:
                      pipeline / model_only >= 0.85, f"{pipeline:.1f} vs {model_only:.1f} img/s"))
 
     # 2b. what computing depthwise gradients in fp32 buys a full fine-tuning step
-    plain, ours = alternating_best(lambda: step(PLAIN), lambda: step(OURS))
+    plain, ours = alternating_best(lambda: steps["bf16"](PLAIN), steps["bf16"])
     rows.append(("full fine-tuning step: transferlab / plain bf16 autocast, img/s", ours / plain, "", True,
                  f"{ours:.1f} vs {plain:.1f} img/s, batch {base.batch_size}"))
-    rows.append(("full fine-tuning step: freed memory reused / glibc default", reused / default_malloc, "", True,
-                 f"{reused:.1f} vs {default_malloc:.1f} img/s, batch {base.batch_size}"))
+    for name in steps:
+        rows.append((f"full fine-tuning step, {name}: freed memory reused / fresh default",
+                     reused[name] / default_malloc[name], "", True,
+                     f"{reused[name]:.1f} vs {default_malloc[name]:.1f} img/s, batch {base.batch_size}"))
 
     # 3. partial (last block) vs full, seconds per epoch
     small = subset(splits, args.subset)
