@@ -13,9 +13,9 @@ def reuse_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse; True where it took.
 
     By default it hands every block over 32 MB back to the kernel when freed, so each large activation of
-    every step comes back as fresh pages. Their page faults made a full fine-tuning step of
-    tf_efficientnet_lite0 (batch 32, 2 cores) 1.4x slower in bf16 (51 vs 73 images/s) and 1.7x in fp32 (30 vs
-    51). PyTorch's own CPU launcher (torch.backends.xeon.run_cpu) avoids them by preloading tcmalloc; this
+    every step comes back as fresh pages. Reusing them made a full fine-tuning step of tf_efficientnet_lite0
+    (batch 32, 2 cores, `benchmarks/speed.py`) 1.36x faster in bf16 (73 vs 54 images/s) and 2.0x in fp32 (35
+    vs 18). PyTorch's own CPU launcher (torch.backends.xeon.run_cpu) avoids them by preloading tcmalloc; this
     needs no preload. The price: memory the process freed stays with it (for its next batch) until it exits.
     """
     if not sys.platform.startswith("linux"):
