@@ -33,8 +33,8 @@ class Classifier(nn.Module):
     `frozen` blocks from the start have no gradients and always run in inference mode, so their BatchNorm
     statistics never drift (the classic fine-tuning bug). `bn_frozen` extends inference-mode BatchNorm to
     the trained blocks too (Keras' fine-tuning recipe; their affine weights still learn). BatchNorm in
-    inference mode is folded into the convolution before it (`FoldedBatchNorm`) unless `fold_bn` is off, which
-    is only faster.
+    inference mode is folded into the convolution before it (`FoldedBatchNorm`: only faster; `fold_bn=False`
+    turns it off).
     """
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, pre: Preprocessing, fold_bn: bool = True):
