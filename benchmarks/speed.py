@@ -36,6 +36,7 @@ from transferlab.memory import reuse_freed_memory
 from transferlab.training import autocast, build_model, image_loader, load_splits, loss_fn, train
 
 RAM = 8 * 2**30
+SWITCHES_OFF = {"cache": False, "bf16": False, "channels_last": False}  # the switches the issue names
 
 
 def timed_train(config: TrainConfig, splits, store: FeatureCache | None = None):
@@ -123,8 +124,7 @@ def main() -> None:
     # what the process has freed before), then 4, first half: the notebook way, in that state too
     steps = {"bf16": full_step(base), "fp32": full_step(replace(base, bf16=False, channels_last=False))}
     default_malloc = {name: max(step() for _ in range(3)) for name, step in steps.items()}
-    notebook = {s: timed_train(replace(configs[s], cache=False, bf16=False, channels_last=False, fold_bn=False),
-                               splits) for s in order}
+    notebook = {s: timed_train(replace(configs[s], **SWITCHES_OFF, fold_bn=False), splits) for s in order}
     reuse_freed_memory()  # as transferlab's entry points do; everything below runs with it
     reused = {name: max(step() for _ in range(3)) for name, step in steps.items()}
 
@@ -166,8 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shared = FeatureCache(Path(tmp), RAM)
         ours = {s: timed_train(configs[s], splits, shared) for s in order}
-    switches_off = {s: timed_train(replace(configs[s], cache=False, bf16=False, channels_last=False), splits)
-                    for s in order}
+    switches_off = {s: timed_train(replace(configs[s], **SWITCHES_OFF), splits) for s in order}
     results = {"ours": ours, "notebook": notebook, "switches off": switches_off}
     total = {name: sum(seconds for seconds, _ in runs.values()) for name, runs in results.items()}
     accuracy = {name: {s: run.metrics["accuracy"] for s, (_, run) in runs.items()} for name, runs in results.items()}

@@ -44,8 +44,10 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
         self.frozen = 0
         self.bn_frozen = False
-        example = torch.randn(1, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(0))
-        self.folding = FoldedBatchNorm(blocks, example) if fold_bn else contextlib.nullcontext()
+        self.folding = contextlib.nullcontext()
+        if fold_bn:
+            example = torch.randn(1, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(0))
+            self.folding = FoldedBatchNorm(blocks, example)
 
     @property
     def num_blocks(self) -> int:

@@ -6,8 +6,8 @@ its bf16 depthwise-convolution backward kernels are slower than fp32 by far. Mea
 96 channels at 112x112: 100 vs 39, 672 channels 5x5 at 14x14: 71 vs 0.7; the weight gradient of a 5x5 one,
 1152 channels at 7x7: 24 vs 5. MobileNet and EfficientNet are made of such convolutions: a profile of a full
 fine-tuning step of tf_efficientnet_lite0 put 63% of it in convolution backward passes, mostly these. Those
-two gradients are computed in fp32, everything else stays bf16, and the step runs 1.4x faster
-(`benchmarks/speed.py`).
+two gradients are computed in fp32, everything else stays bf16, and the step runs 1.3-1.6x faster
+(`benchmarks/speed.py`, over its runs).
 """
 
 from __future__ import annotations
