@@ -40,7 +40,7 @@ HELP = {
                     "only within it (default 4)",
     "bf16": "bfloat16 autocast (default on)",
     "channels_last": "channels-last memory format (default on)",
-    "fold_bn": "fold inference-mode BatchNorm into the convolution before it: the same results, faster (default on)",
+    "fold_bn": "fold inference-mode BatchNorm into the convolution before it (same results, faster; default on)",
     "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4)",
     "max_pixels": "images with more pixels are refused as decompression bombs (default 89,478,485)",
 }
@@ -68,7 +68,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
-            parser.add_argument(flag if not default else "--no-" + flag[2:], dest=f.name, help=HELP[f.name],
+            parser.add_argument(flag if not default else "--no-" + flag[2:], dest=f.name,
+                                help=f"turn off: {HELP[f.name]}" if default else HELP[f.name],
                                 action="store_false" if default else "store_true", default=argparse.SUPPRESS)
             continue
         kind = _unfreeze if f.name == "unfreeze_blocks" else {"int": int, "float": float}.get(
