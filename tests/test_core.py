@@ -15,7 +15,7 @@ from transferlab import backbones, cli, data, weights
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.strategies import stages
-from transferlab.training import build_model
+from transferlab.model import create_classifier
 
 from .conftest import SHARED, make_folder
 
@@ -71,8 +71,8 @@ EXPECTED_BLOCKS = {"vgg16": 5, "vgg19": 5, "resnet50": 5, "mobilenetv2_100": 9, 
 
 @pytest.mark.parametrize("name", backbones.LISTED)
 def test_every_listed_backbone_is_an_ordered_list_of_blocks(name):
-    config = TrainConfig(data=".", backbone=name, weights="none", image_size=64, bf16=False, channels_last=False)
-    model = build_model(config, num_classes=3).model.eval()
+    config = TrainConfig(data=".", backbone=name, weights="none", image_size=64)
+    model = create_classifier(config, num_classes=3, fold_bn=True).model.eval()
     assert model.num_blocks == EXPECTED_BLOCKS[name]
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
@@ -146,8 +146,8 @@ def _bn_stats(module):
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_frozen_blocks_get_no_gradient_and_keep_batchnorm_statistics(train_bn):
     config = TrainConfig(data=".", backbone="mobilenetv2_100", weights="none", image_size=32,
-                         bf16=False, channels_last=False, train_bn=train_bn)
-    model = build_model(config, 2).model
+                         train_bn=train_bn)
+    model = create_classifier(config, 2, fold_bn=True).model
     model.freeze(7, bn_frozen=config.bn_frozen)
     model.train()
     frozen_before, trained_before = _bn_stats(model.blocks[:7]), _bn_stats(model.blocks[7:])
@@ -242,14 +242,14 @@ def test_cli_train_evaluate_predict(folder, tmp_path, capsys):
 def test_cli_errors_are_one_line(argv, message, folder, capsys):
     code = cli.main([a.format(folder=folder) for a in argv])
     err = capsys.readouterr().err
-    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the shared cats-vs-dogs photos are not beside the checkout")
 def test_offline_imagenet_weights_and_preprocessing_recognise_real_photos():
     """End to end through our weight mapping, blocks, preprocessing and in-model normalisation: the shipped
     ImageNet classifier on our pooled features names real cats and dogs (ImageNet classes 281-285, 151-268)."""
-    built = build_model(TrainConfig(data=".", bf16=False, channels_last=False), 2)
+    built = create_classifier(TrainConfig(data="."), 2, fold_bn=True)
     shipped = weights.read_state_dict(weights.package_file("tf_efficientnet_lite0"))
     files = [p for c in ("cats", "dogs") for p in sorted((SHARED / "validation" / c).glob("*.jpg"))[:15]]
     images = data.ImageSet(SHARED, ["cats", "dogs"], files, [0] * 15 + [1] * 15)

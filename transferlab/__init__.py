@@ -5,9 +5,10 @@
     run.predict(["new.jpg"])
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from .compare import compare
+from .compare import Comparison
 from .config import TrainConfig
 from .errors import TransferlabError
 from .memory import reuse_freed_memory
@@ -35,3 +36,17 @@ def resume(out: str | Path) -> Run:
 def load(path: str | Path) -> Run:
     """A saved run, ready to `evaluate(folder)` and `predict(paths)`."""
     return Run.load(path)
+
+
+def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: str | Path | None = None,
+            overwrite: bool = False, **options) -> Comparison:
+    """Train each strategy on `data` and write the comparison and its report to `out`; options are
+    TrainConfig fields (except strategy)."""
+    from .compare import run_comparison
+    from .report import write
+
+    reuse_freed_memory()
+    comparison = run_comparison(TrainConfig(data=str(data), **options), strategies, out,
+                                None if test is None else str(test), overwrite)
+    write(comparison)
+    return comparison

@@ -115,13 +115,22 @@ def preprocessing(cfg: dict, image_size: int | None = None) -> Preprocessing:
     )
 
 
+def _cut_on_meta(name: str) -> list[tuple[str, nn.Module]]:
+    """The blocks of a model built on the meta device: no memory, no time, no weights."""
+    with torch.device("meta"):
+        return _cut(_timm_model(name))
+
+
+def block_names(name: str) -> list[str]:
+    """The backbone's block names, cheaply: what a run checks before it scans any image."""
+    return [n for n, _ in _cut_on_meta(name)]
+
+
 def describe(name: str) -> dict:
-    """A row of `transferlab backbones`: built on the meta device, so listing costs no memory or time."""
+    """A row of `transferlab backbones`."""
     from . import weights
 
-    with torch.device("meta"):
-        model = _timm_model(name)
-    cut = _cut(model)
+    cut = _cut_on_meta(name)
     return {
         "name": name,
         "blocks": [n for n, _ in cut],

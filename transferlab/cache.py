@@ -26,6 +26,11 @@ def default_dir() -> Path:
     return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab" / "features"))
 
 
+def scan_record(root: Path, directory: Path | None = None) -> Path:
+    """Where `data.scan` keeps its verdicts on a folder's files, so that the next command skips decoding them."""
+    return (directory or default_dir()) / "scans" / f"{digest({'root': str(Path(root).resolve())})}.json"
+
+
 def digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -37,7 +42,6 @@ class FeatureCache:
         self.directory, self.ram_bytes = directory, ram_bytes
         self._ram: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
-
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.npy"
 

@@ -38,10 +38,15 @@ HELP = {
     "cache_dir": "where cached features persist (default $TRANSFERLAB_CACHE or ~/.cache/transferlab/features)",
     "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir; decoded images are kept "
                     "only within it (default 4)",
-    "bf16": "bfloat16 autocast (default on)",
-    "channels_last": "channels-last memory format (default on)",
-    "fold_bn": "fold inference-mode BatchNorm into the convolution before it (same results, faster; default on)",
-    "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4)",
+    "device": "auto (default: the first CUDA GPU, else MPS, else the CPU), cpu, mps, cuda or cuda:N",
+    "amp": "autocast: bf16, fp16 (GPU) or off (default: what was measured fastest on the device: bf16 on CPUs "
+           "with AVX-512 BF16 or AMX, else off)",
+    "channels_last": "channels-last memory format (default: on for the CPU, off for GPUs)",
+    "fold_bn": "fold inference-mode BatchNorm into the convolution before it, same results (default: on for the "
+               "CPU, off for GPUs)",
+    "gpu_decode": "decode JPEGs on the GPU with nvjpeg (default: on for CUDA)",
+    "workers": "image decoding processes (default: 0 on two cores or fewer, else cores - 1, at most 4 on the "
+               "CPU and 8 with a GPU)",
     "max_pixels": "images with more pixels are refused as decompression bombs (default 89,478,485)",
 }
 
@@ -71,6 +76,10 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             parser.add_argument(flag if not default else "--no-" + flag[2:], dest=f.name,
                                 help=f"turn off: {HELP[f.name]}" if default else HELP[f.name],
                                 action="store_false" if default else "store_true", default=argparse.SUPPRESS)
+            continue
+        if f.type == "bool | None":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=HELP[f.name],
+                                default=argparse.SUPPRESS)
             continue
         kind = _unfreeze if f.name == "unfreeze_blocks" else {"int": int, "float": float}.get(
             f.type.split(" ")[0], str)
@@ -228,9 +237,11 @@ def cmd_backbones(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import format_table, run_comparison
+    from .report import write
 
     strategies = [s.strip() for s in args.strategies.split(",")]
     result = run_comparison(config_from(args), strategies, args.out, args.test, args.overwrite)
+    write(result)
     print(format_table(result.rows))
     print(f"best: {result.best['strategy']}; report: {result.out / 'report.html'}")
     return 0

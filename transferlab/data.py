@@ -6,6 +6,7 @@ Nothing here writes to the user's folder: files are only ever opened for reading
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import urllib.request
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
+from torchvision.io import read_file
 from torchvision.transforms import v2
 
+from .config import DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
+from .progress import note
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
-AUGMENTATIONS = ("none", "light", "standard")
 NAMED_DATASETS = {
     "cats-vs-dogs": "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip",
 }
@@ -169,12 +171,13 @@ def _map(fn, items: list, workers: int) -> list:
 
 
 def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-         workers: int | None = None) -> ImageSet:
+         workers: int | None = None, record: Path | None = None) -> ImageSet:
     """Find and validate every image under `root/<class>/**`.
 
     Classes are the sorted sub-folder names (or `classes`, to make a validation folder match training).
-    Each file is fully decoded once, so a broken file is skipped here with its reason rather than failing
-    a training run halfway.
+    Each file is fully decoded once, in parallel, so a broken file is skipped here with its reason rather than
+    failing a training run halfway. With `record` (a JSON file), the verdicts are kept by file identity
+    (path, size, mtime) and a later scan of the same folder decodes only new or changed files.
     """
     root = Path(os.path.abspath(root))  # absolute and normalised: runs stay usable from any directory
     if not root.is_dir():
@@ -194,16 +197,52 @@ def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = D
         for dirpath, dirnames, filenames in os.walk(folder) if folder.is_dir() else []:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             candidates += [(Path(dirpath) / f, label) for f in sorted(filenames) if is_candidate(Path(f))]
-    results = _map(_check, [(p, max_pixels) for p, _ in candidates], workers or os.cpu_count() or 1)
+    known = _read_record(record, max_pixels)
+    identities = [_identity(p) for p, _ in candidates]
+    todo = [k for k, (p, _) in enumerate(candidates) if known.get(str(p), [None])[:2] != identities[k]]
+    note(f"scanning {len(candidates):,} files in {root}" + (f" ({len(candidates) - len(todo):,} known from an "
+                                                             "earlier scan)" if len(todo) < len(candidates) else ""))
+    checked = dict(zip(todo, _map(_check, [(candidates[k][0], max_pixels) for k in todo],
+                                  workers or os.cpu_count() or 1)))
     images = ImageSet(root, list(classes), [], [])
-    for (path, label), (reason, digest) in zip(candidates, results):
+    verdicts = {}
+    for k, (path, label) in enumerate(candidates):
+        reason, digest = checked[k] if k in checked else known[str(path)][2:]
+        verdicts[str(path)] = [*identities[k], reason, digest]
         if reason:
             images.skipped.append(Skipped(str(path.relative_to(root)), reason))
         else:
             images.files.append(path)
             images.labels.append(label)
             images.digests.append(digest)
+    if record is not None and todo:
+        _write_record(record, max_pixels, verdicts)
     return images
+
+
+def _identity(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_record(record: Path | None, max_pixels: int) -> dict[str, list]:
+    """path -> [size, mtime_ns, reason, digest] from an earlier scan with the same limit; {} if none."""
+    try:
+        saved = json.loads(record.read_text()) if record else {}
+    except (OSError, ValueError):
+        return {}
+    return saved.get("files", {}) if saved.get("max_pixels") == max_pixels else {}
+
+
+def _write_record(record: Path, max_pixels: int, verdicts: dict[str, list]) -> None:
+    """Best effort and atomic: a scan record only saves time, so failing to write one is no error."""
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"max_pixels": max_pixels, "files": verdicts}))
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def require_trainable(images: ImageSet, what: str = "training data") -> None:
@@ -214,8 +253,6 @@ def require_trainable(images: ImageSet, what: str = "training data") -> None:
 
 def split(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Stratified, seeded train/validation split."""
-    if not 0 < fraction < 1:
-        raise TransferlabError(f"--val-split must be between 0 and 1, got {fraction}")
     indices = np.arange(len(images))
     try:
         train_idx, val_idx = train_test_split(
@@ -290,13 +327,12 @@ def download(name: str) -> Path:
 
 
 def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
-    """PIL image -> uint8 CHW tensor at the backbone's size; augmentation (training only) after the crop.
+    """PIL image or uint8 CHW tensor (on any device) -> uint8 CHW tensor at the backbone's size; augmentation
+    (training only) after the crop.
 
     Normalisation is not here: the model owns its mean/std, so batches travel between processes as
     uint8 (4x less to copy) and an exported model cannot be fed wrongly normalised images.
     """
-    if augment not in AUGMENTATIONS:
-        raise TransferlabError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     interpolation = v2.InterpolationMode(pre.interpolation)
     steps = [v2.PILToTensor(), v2.Resize(pre.resize, interpolation, antialias=True), v2.CenterCrop(pre.size)]
     if augment in ("light", "standard"):
@@ -307,23 +343,56 @@ def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
     return v2.Compose(steps)
 
 
+def is_plain_jpeg(path: Path) -> bool:
+    """A JPEG in RGB or greyscale: what a GPU decoder turns into the same pixels as Pillow (CMYK and the rest
+    go through Pillow's conversions)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and im.mode in ("RGB", "L")
+    except Exception:
+        return False
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 image tensor, label) pairs; with `view` set, augmentation is seeded by (seed, view, index)
-    so that cached augmented views are reproducible."""
+    """(uint8 image tensor, label) pairs, keyed by index or (index, view).
+
+    With augmentation, view v of image i is drawn with the RNG seeded by (seed, v, i): a training epoch's
+    augmentation (view = epoch) is the same with or without worker processes, after a resume, on the GPU
+    decoding path, and as a cached view.
+    """
 
     def __init__(self, images: ImageSet, pre: Preprocessing, augment: str = "none",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int | None = None, view: int = 0):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
         self.images, self.pre, self.max_pixels = images, pre, max_pixels
-        self.transform = transforms(pre, augment)
-        self.seed, self.view = seed, view
+        self.augment, self.transform, self.seed = augment, transforms(pre, augment), seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        im = load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
-        if self.seed is None:
-            return self.transform(im), self.images.labels[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i = key[0] if isinstance(key, tuple) else key
+        return self.finish(self.decode(i), key), self.images.labels[i]
+
+    def decode(self, i: int) -> Image.Image:
+        return load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
+
+    def finish(self, image: Image.Image | torch.Tensor, key: int | tuple[int, int]) -> torch.Tensor:
+        """Resize, crop and (seeded) augment a decoded image."""
+        if self.augment == "none":
+            return self.transform(image)
+        i, view = key if isinstance(key, tuple) else (key, 0)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.view, i)) & 0x7FFFFFFF)
-            return self.transform(im), self.images.labels[i]
+            torch.manual_seed(hash((self.seed, view, i)) & 0x7FFFFFFF)
+            return self.transform(image)
+
+
+class EncodedDataset(ImageDataset):
+    """For decoding on the GPU: a plain JPEG's file bytes, left encoded; any other image decoded and finished
+    here as `ImageDataset` does. Items are (payload, label, key, encoded)."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int | tuple[int, int], bool]:
+        i = key[0] if isinstance(key, tuple) else key
+        path = self.images.files[i]
+        if is_plain_jpeg(path):
+            return read_file(str(path)), self.images.labels[i], key, True
+        return *super().__getitem__(key), key, False

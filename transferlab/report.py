@@ -29,7 +29,7 @@ from .data import ImageDataset, ImageSet
 from .model import Classifier
 from .runs import write_atomic
 from .strategies import STRATEGIES
-from .training import probabilities
+from .predict import probabilities
 
 COLORS = dict(zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 MARKERS = dict(zip(STRATEGIES, "osD^v"))

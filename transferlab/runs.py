@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,10 +28,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from . import data, metrics
+from . import data, devices, metrics
 from .config import TrainConfig
+from .devices import Device
 from .errors import TransferlabError
-from .model import Classifier
+from .feeds import Images
+from .model import Classifier, create_classifier
+from .predict import predict
 
 FORMAT = "transferlab-run/1"
 CHECKPOINT_FORMAT = "transferlab-checkpoint/1"
@@ -98,6 +102,12 @@ def check_writable(path: Path, overwrite: bool) -> None:
             raise TransferlabError(f"{path} is not a transferlab run directory; refusing to overwrite it")
 
 
+def inference_device(config: TrainConfig) -> Device:
+    """This machine's default device and switches for using a run: how it was trained sped up another machine."""
+    return devices.resolve(dataclasses.replace(config, device="auto", amp=None, channels_last=None, fold_bn=None,
+                                               gpu_decode=None, workers=None))
+
+
 @dataclass
 class Run:
     """A trained classifier and its record; `transferlab.load(path)` gives one back."""
@@ -147,8 +157,6 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
-        from .training import build_model  # training imports runs; a run rebuilds through the same code path
-
         path = Path(path)
         if not path.exists() and checkpoint_path(path).is_file():
             raise TransferlabError(f"{path} did not finish training: continue it with "
@@ -163,7 +171,8 @@ class Run:
             history = list(csv.DictReader(io.StringIO((path / "history.csv").read_text())))
             split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
             run_metrics = json.loads((path / "metrics.json").read_text())
-            model = build_model(config, len(info["classes"]), load_weights=False).model
+            device = inference_device(config)
+            model = create_classifier(config, len(info["classes"]), device.fold_bn, load_weights=False).model
             model.load_state_dict(state)
         except TransferlabError:
             raise
@@ -175,13 +184,14 @@ class Run:
     # -------------------------------------------------------------- use
 
     def probabilities(self, images: data.ImageSet) -> np.ndarray:
-        """[images, classes] probabilities from the full model (decoded afresh, no cache)."""
+        """[images, classes] probabilities from the full model (decoded afresh, no cache), on this machine's
+        default device."""
         from .memory import reuse_freed_memory
-        from .training import image_loader, run_epoch
 
         reuse_freed_memory()
-        loader = image_loader(images, self.preprocessing, self.config)
-        return run_epoch(self.model, loader, 0, self.config, desc="predicting")[2].numpy()
+        device = inference_device(self.config)
+        model = device.place(self.model)
+        return predict(model, Images(images, self.preprocessing, self.config, device), device)
 
     @property
     def preprocessing(self) -> data.Preprocessing:
