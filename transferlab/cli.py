@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from . import distributed
 from .config import TrainConfig
 from .errors import TransferlabError
 from .memory import reuse_freed_memory
@@ -255,16 +256,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         reuse_freed_memory()
-        return COMMANDS[args.command](args)
+        with distributed.only_main_prints():
+            return COMMANDS[args.command](args)
     except TransferlabError as e:
-        print(f"transferlab: error: {e}", file=sys.stderr)
+        _say(f"error: {e}", e)
         return 2
     except OSError as e:  # a permission or a full disk: the system's words suffice
-        print(f"transferlab: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        _say(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", e)
         return 1
     except KeyboardInterrupt as e:  # training's says how to continue
-        print(f"transferlab: {e or 'interrupted'}", file=sys.stderr)
+        _say(f"{e or 'interrupted'}", e)
         return 130
+
+
+def _say(message: str, error: BaseException) -> None:
+    """The one line a failed command ends with. Under torchrun the main process says it; another process only
+    of an error of its own after the processes met (before, they all meet the same mistakes), never of one
+    that a process stopping caused or of Ctrl-C, which reaches every process."""
+    if distributed.is_main():
+        print(f"transferlab: {message}", file=sys.stderr)
+    elif distributed.started() and not isinstance(error, (distributed.ProcessLost, KeyboardInterrupt)):
+        print(f"transferlab: process {distributed.rank()}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backbones, devices, metrics
+from . import backbones, devices, distributed, metrics
 from .config import TrainConfig
 from .data import Preprocessing
 from .errors import TransferlabError
@@ -86,7 +86,8 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
         check_writable(out / name, overwrite)
     device = devices.resolve(config)
     order = training_order(configs)  # a wrong backbone name fails here, before any image is scanned
-    splits = load_splits(config, test)
+    with distributed.main_first():  # the others then read the main process's scan records
+        splits = load_splits(config, test)
     store = feature_store(config)
     runs, val_probs, entries = {}, {}, []
     for i, name in enumerate(order, 1):
@@ -184,6 +185,7 @@ def format_table(rows: list[dict]) -> str:
                      for row in cells)
 
 
+@distributed.main_only
 def _write(c: Comparison) -> None:
     c.out.mkdir(parents=True, exist_ok=True)
     shared = {k: v for k, v in c.config.to_dict().items() if k != "strategy"}

@@ -15,6 +15,9 @@ The defaults, and where they were measured (tf_efficientnet_lite0, batch 32):
   1.3 s / 2.6 s with channels_last alone off: at this batch size the step is bound by kernel launches, which
   each switch adds to. JPEGs are decoded on the GPU (nvjpeg), since CPU decoding left it 98% idle.
 - MPS: untested; the CUDA choices, with CPU decoding.
+
+Under torchrun each process takes the GPU its LOCAL_RANK names, and the processes on one machine share its
+cores for decoding; `resolve` then joins the process group for the device (`distributed.start`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import precision
+from . import distributed, precision
 from .config import TrainConfig
 from .errors import TransferlabError
 
@@ -48,6 +51,7 @@ class Device:
     gpu_decode: bool
     workers: int  # image-decoding processes
     inference_batch: int  # images per no-gradient batch (feature caching, evaluation, prediction)
+    processes: int = 1  # training together under torchrun, each on a device like this one
 
     @property
     def type(self) -> str:
@@ -87,7 +91,8 @@ class Device:
         switches += ["channels_last"] * self.channels_last + ["folded BatchNorm"] * self.fold_bn
         switches.append("JPEGs decoded on the GPU" if self.gpu_decode else
                         f"{self.workers} decoding workers" if self.workers else "decoding in this process")
-        return f"{self.name}: {', '.join(switches)}"
+        processes = f"{self.processes} processes x " if self.processes > 1 else ""
+        return f"{processes}{self.name}: {', '.join(switches)}"
 
     @property
     def pin_memory(self) -> bool:
@@ -99,11 +104,12 @@ class Device:
                 "memory_gb": round(self.memory_gb, 1), "amp": self.amp, "channels_last": self.channels_last,
                 "fold_bn": self.fold_bn, "fp32_depthwise_grads": self.fp32_depthwise_grads,
                 "gpu_decode": self.gpu_decode, "workers": self.workers, "inference_batch": self.inference_batch,
-                "torch": torch.__version__}
+                "processes": self.processes, "torch": torch.__version__}
 
 
 def resolve(config: TrainConfig) -> Device:
-    """The device `config` asks for, with every switch it leaves open set to the measured default there."""
+    """The device `config` asks for, with every switch it leaves open set to the measured default there; under
+    torchrun, this process's device, with the process group joined."""
     device = _pick(config.device)
     fast = _defaults(device, config.batch_size)
     amp = config.amp or fast["amp"]
@@ -112,6 +118,7 @@ def resolve(config: TrainConfig) -> Device:
         raise TransferlabError("--amp fp16 needs a GPU; on the CPU use bf16 or off")
     if gpu_decode and device.type != "cuda":
         raise TransferlabError("--gpu-decode needs a CUDA device")
+    distributed.start(device)
     return Device(
         device=device, **_hardware(device), amp=amp,
         channels_last=fast["channels_last"] if config.channels_last is None else config.channels_last,
@@ -120,10 +127,17 @@ def resolve(config: TrainConfig) -> Device:
         gpu_decode=gpu_decode,
         workers=fast["workers"] if config.workers is None else config.workers,
         inference_batch=fast["inference_batch"],
+        processes=distributed.world_size(),
     )
 
 
 def _pick(spec: str) -> torch.device:
+    if distributed.world_size() > 1:
+        if spec in ("auto", "cuda") and torch.cuda.is_available():
+            return _local_gpu()
+        if spec.startswith("cuda:"):
+            raise TransferlabError(f"--device {spec}: under torchrun each process takes the GPU its LOCAL_RANK "
+                                   "names; pass --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -139,6 +153,16 @@ def _pick(spec: str) -> torch.device:
     return device if device.type != "cuda" or device.index is not None else torch.device("cuda", 0)
 
 
+def _local_gpu() -> torch.device:
+    """Under torchrun, the GPU this process's LOCAL_RANK names (CUDA_VISIBLE_DEVICES chooses which they are)."""
+    if distributed.local_rank() >= torch.cuda.device_count():
+        raise TransferlabError(f"torchrun started {distributed.local_world_size()} processes on this machine, "
+                               f"which has {torch.cuda.device_count()} CUDA GPU(s): start one per GPU")
+    device = torch.device("cuda", distributed.local_rank())
+    torch.cuda.set_device(device)
+    return device
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX-512 BF16 or AMX: where oneDNN runs bf16 natively instead of emulating it."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -146,7 +170,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def _defaults(device: torch.device, batch_size: int) -> dict:
     """The switches measured fastest on this type of device (see the module docstring)."""
-    cores = os.cpu_count() or 1
+    cores = max((os.cpu_count() or 1) // distributed.local_world_size(), 1)  # this process's part of them
     if device.type == "cpu":
         return {"amp": "bf16" if cpu_has_fast_bf16() else "off", "channels_last": True, "fold_bn": True,
                 "gpu_decode": False, "workers": 0 if cores <= 2 else min(cores - 1, 4),

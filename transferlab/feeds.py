@@ -8,6 +8,9 @@ once per image per epoch; with nothing frozen and no augmentation, the images th
 Images are decoded in worker processes (persistent across epochs, pinned for the copy) or, on CUDA, read as
 bytes by the workers and decoded on the GPU in batches (nvjpeg), then resized, cropped and augmented there;
 files that are not plain JPEGs, or that the GPU decoder refuses, take the CPU path.
+
+Under torchrun every pass is shared out (`distributed`): each process trains on its split of every epoch's
+order, evaluates its share of the validation images, and computes features for its share of each cache file.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from . import cache, weights
+from . import cache, distributed, weights
 from .cache import FeatureCache
 from .config import TrainConfig
 from .data import EncodedDataset, ImageDataset, ImageSet, Preprocessing
@@ -51,17 +54,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class EpochKeys(Sampler):
-    """(image, view) keys in the order of epoch `epoch`, whose augmentation is view `epoch`. Set `epoch` and
-    iterate the same loader again, so that its worker processes persist across epochs."""
+    """(image, view) keys in the order of epoch `epoch` (this process's split of it), whose augmentation is view
+    `epoch`. Set `epoch` and iterate the same loader again, so that its worker processes persist across epochs."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
 
     def __len__(self) -> int:
-        return self.n
+        return len(distributed.split(list(range(self.n))))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(i, self.epoch) for i in epoch_order(self.n, self.seed, self.epoch)])
+        return iter([(i, self.epoch) for i in distributed.split(epoch_order(self.n, self.seed, self.epoch))])
 
 
 class Images:
@@ -128,7 +131,7 @@ class ImageFeed:
     def __init__(self, splits: Splits, pre: Preprocessing, config: TrainConfig, device: Device):
         self.keys = EpochKeys(len(splits.train), config.seed)
         self.training = Images(splits.train, pre, config, device, config.augment, self.keys, config.batch_size)
-        self.validation = Images(splits.val, pre, config, device)
+        self.validation = Images(splits.val, pre, config, device, keys=distributed.share(len(splits.val), config.seed))
 
     def train(self, epoch: int) -> Iterable[Batch]:
         self.keys.epoch = epoch
@@ -154,11 +157,11 @@ class CachedFeed:
             yield x.float() if x.dtype == torch.float16 else x, labels[idx].to(self.device.device)
 
     def train(self, epoch: int) -> Iterator[Batch]:
-        order = epoch_order(len(self.labels), self.config.seed, epoch)
+        order = distributed.split(epoch_order(len(self.labels), self.config.seed, epoch))
         return self._batches(self.views[epoch % len(self.views)], self.labels, order, self.config.batch_size)
 
     def val(self) -> Iterator[Batch]:
-        order = list(range(len(self.val_labels)))
+        order = distributed.share(len(self.val_labels), self.config.seed)
         return self._batches(self.val_features, self.val_labels, order, self.device.inference_batch)
 
 
@@ -178,15 +181,16 @@ class Features:
                     "files": [(str(p), *_stat(p)) for p in images.files]}
         if (hit := self.store.load(identity | {"block": block})) is not None:
             return hit
+        rows = distributed.share(len(images), self.config.seed)  # under torchrun: this process's share
         # start from the deepest shallower prefix already cached (two-stage, compare), else from images
         start, batches, n = 0, None, self.device.inference_batch
         for j in range(block - 1, 0, -1):
             if (shallower := self.store.load(identity | {"block": j})) is not None:
-                start, batches = j, ((self.device.put(torch.from_numpy(shallower[i:i + n])).float(), None)
-                                     for i in range(0, len(images), n))
+                start, batches = j, ((self.device.put(torch.from_numpy(shallower[rows[i:i + n]])).float(), None)
+                                     for i in range(0, len(rows), n))
                 break
         if batches is None:
-            keys = [(i, view) for i in range(len(images))] if augment != "none" else None
+            keys = [(i, view) for i in rows] if augment != "none" else rows
             batches = Images(images, self.built.pre, self.config, self.device, augment, keys)
         model = self.built.model.eval()
 
@@ -194,8 +198,9 @@ class Features:
             with torch.no_grad(), self.device.autocast():
                 return model.features(x, start, block).float().cpu()
 
-        progress = bar(batches, f"caching block {block} features", total=-(-len(images) // n))
-        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
+        progress = bar(batches, f"caching block {block} features", total=-(-len(rows) // n))
+        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks,
+                                  distributed.shares(len(images), self.config.seed))
 
     def feed(self, splits: Splits, block: int) -> CachedFeed | None:
         """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""

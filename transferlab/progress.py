@@ -1,5 +1,5 @@
 """What a long command says while it works: one-line notes and progress bars, on stderr so that stdout holds
-only results (a table, JSON, CSV)."""
+only results (a table, JSON, CSV). Under torchrun only the main process speaks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
+from . import distributed
+
 
 def note(message: str) -> None:
     """A line about what is happening now; printed above any progress bar."""
-    tqdm.write(message, file=sys.stderr)
+    if distributed.is_main():
+        tqdm.write(message, file=sys.stderr)
 
 
 def bar(iterable: Iterable, desc: str, total: int | None = None, unit: str = "batch") -> tqdm:
     """A transient bar with its total and an ETA, shown only where stderr is a terminal."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=None, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=None if distributed.is_main()
+                else True, file=sys.stderr, dynamic_ncols=True)

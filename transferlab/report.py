@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from sklearn import metrics as skm
 
+from . import distributed
 from .compare import Comparison, table
 from .data import ImageDataset, ImageSet
 from .model import Classifier
@@ -46,6 +47,7 @@ class Section:
     figures: list[str] = field(default_factory=list)  # names of plots/<name>.png
 
 
+@distributed.main_only
 def write(c: Comparison) -> None:
     """plots/*.png, report.html and report.md under the comparison's folder."""
     figures = _figures(c)

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from . import data, devices, metrics
+from . import data, devices, distributed, metrics
 from .config import TrainConfig
 from .devices import Device
 from .errors import TransferlabError
@@ -185,13 +185,15 @@ class Run:
 
     def probabilities(self, images: data.ImageSet) -> np.ndarray:
         """[images, classes] probabilities from the full model (decoded afresh, no cache), on this machine's
-        default device."""
+        default device; under torchrun each process predicts its share and every process gets them all."""
         from .memory import reuse_freed_memory
 
         reuse_freed_memory()
         device = inference_device(self.config)
         model = device.place(self.model)
-        return predict(model, Images(images, self.preprocessing, self.config, device), device)
+        rows = distributed.share(len(images), self.config.seed)
+        probs = predict(model, Images(images, self.preprocessing, self.config, device, keys=rows), device)
+        return distributed.gather(torch.from_numpy(probs), len(images), self.config.seed).numpy()
 
     @property
     def preprocessing(self) -> data.Preprocessing:

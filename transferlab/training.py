@@ -2,7 +2,9 @@
 it (prepare, train each stage, evaluate, record).
 
 The loop knows nothing about devices, decoding or caching: it is given a `devices.Device` for autocast and
-loss scaling, and a `feeds.Feed` whose batches are already on that device.
+loss scaling, and a `feeds.Feed` whose batches are already on that device. Under torchrun (`distributed`) it
+trains the DDP-wrapped trained part on this process's batches, and every number it decides on is summed over
+the processes first; only the main process writes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import backbones, devices, metrics
+from . import backbones, devices, distributed, metrics
 from .cache import FeatureCache
 from .config import TrainConfig
 from .devices import Device
@@ -48,7 +50,8 @@ def run_epoch(model: Classifier, batches: Iterable, start: int, device: Device,
               ) -> tuple[float, float, torch.Tensor]:
     """One pass: trains when given an optimizer; returns (mean loss, accuracy, probabilities on the CPU).
 
-    Sums stay on the device until the end, so a GPU is never made to wait for a batch's numbers.
+    Sums stay on the device until the end, so a GPU is never made to wait for a batch's numbers; loss and
+    accuracy are over every process's batches, the probabilities this process's.
     """
     training = optimizer is not None
     model.train(training)
@@ -70,7 +73,8 @@ def run_epoch(model: Classifier, batches: Iterable, start: int, device: Device,
             total += loss.detach() * len(y)
             correct += (p.argmax(1) == y).sum()
             count += len(y)
-    return float(total) / count, int(correct) / count, torch.cat(probs).cpu()
+    total, correct, count = distributed.all_sum(total, correct, count)
+    return total / count, correct / count, torch.cat(probs).cpu()
 
 
 def _len(batches: Iterable) -> int | None:
@@ -144,16 +148,17 @@ def fit(model: Classifier, stage: Stage, feed: Feed, config: TrainConfig, device
     weights. `hooks.epoch_end` gets the progress after every epoch, to checkpoint it."""
     hooks = hooks or Hooks()
     model.freeze(stage.frozen, config.bn_frozen)
+    net = distributed.wrap(model)  # what trains: under torchrun, the trained part in DDP
     optimizer = torch.optim.AdamW(param_groups(model.blocks, model.head, stage, config.lr_decay))
     if progress.optimizer:
         optimizer.load_state_dict({"state": progress.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
     scaler = device.grad_scaler()
     history = progress.history
     while progress.epoch < stage.epochs and not (config.patience and progress.waited >= config.patience):
-        torch.manual_seed(config.seed * 1000 + len(history))
+        torch.manual_seed(config.seed * 1000 + len(history) + 7919 * distributed.rank())  # dropout: per process
         began = time.perf_counter()
         label = f"stage {progress.stage + 1} ({stage.name}) epoch {progress.epoch + 1}/{stage.epochs}"
-        train_loss, train_acc, _ = run_epoch(model, feed.train(progress.epoch), feed.start, device, optimizer, scaler,
+        train_loss, train_acc, _ = run_epoch(net, feed.train(progress.epoch), feed.start, device, optimizer, scaler,
                                              label, hooks.first_batch)
         val_loss, val_acc, _ = run_epoch(model, feed.val(), feed.start, device, desc="validating")
         row = {"epoch": len(history) + 1, "stage": progress.stage + 1, "trained": stage.name,
@@ -196,7 +201,9 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     device = device or devices.resolve(config)
     plan = stages(config.strategy, len(backbones.block_names(config.backbone)), config.unfreeze_blocks,
                   config.epochs, config.head_epochs, config.lr, config.backbone_lr)  # a wrong name fails here
-    splits = splits or load_splits(config)
+    if splits is None:
+        with distributed.main_first():  # the others then read the main process's scan record
+            splits = load_splits(config)
     note(f"building {config.backbone} ({'random init' if config.weights == 'none' else config.weights + ' weights'})"
          f" on {device.summary()}")
     built = create_classifier(config, len(splits.classes), device.fold_bn)
@@ -206,11 +213,13 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     if progress:
         model.load_state_dict(progress.model, strict=False)
     elif checkpoint:
-        checkpoint.unlink(missing_ok=True)  # an interrupted run that --overwrite replaces
+        distributed.main_only(checkpoint.unlink)(missing_ok=True)  # an interrupted run that --overwrite replaces
     progress = progress or Progress()
     began = time.perf_counter() - progress.seconds
-    meta = {"config": config.to_dict(), "overwrite": overwrite, "data": splits.fingerprint()}
+    meta = {"config": config.to_dict(), "overwrite": overwrite, "data": splits.fingerprint(),
+            "processes": device.processes}
 
+    @distributed.main_only
     def save_checkpoint(p: Progress) -> None:
         p.seconds = time.perf_counter() - began
         write_checkpoint(checkpoint, p.tensors(model), meta | {"progress": p.to_json()})
@@ -221,6 +230,11 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
         if not waited:
             waited.append(time.perf_counter() - started)
             note(f"first training batch after {waited[0]:.1f}s")
+
+    @distributed.main_only
+    def save(run: Run) -> None:
+        run.save(out, overwrite)
+        checkpoint.unlink()
 
     hooks = Hooks(first_batch, save_checkpoint if checkpoint else lambda p: None)
     with _interruptible(checkpoint, out):
@@ -234,6 +248,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
             progress = Progress(progress.stage + 1, seconds=progress.seconds, history=history)
         seconds = time.perf_counter() - began
         _, _, probs = run_epoch(model, feed.val(), feed.start, device, desc="evaluating")
+        probs = distributed.gather(probs, len(splits.val), config.seed)
         result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
         info = {
             "classes": splits.classes,
@@ -255,8 +270,9 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
                  for name, s in (("train", splits.train), ("val", splits.val)) for f, y in zip(s.files, s.labels)]
         run = Run(config, info, model.eval(), history, result, split, val_probabilities=probs.numpy())
         if out is not None:
-            run.save(out, overwrite)
-            checkpoint.unlink()
+            save(run)
+            distributed.barrier()  # so that every process returns a run that is on disk
+            run.path = Path(out)
     return run
 
 
@@ -269,28 +285,37 @@ def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
         raise TransferlabError(f"{out} finished training; there is nothing to resume" if done
                                else f"there is no interrupted run at {out} to resume")
     meta, tensors = read_checkpoint(path)
+    processes = meta.get("processes", 1)
+    if processes != distributed.world_size():
+        how = "without torchrun" if processes == 1 else f"under torchrun with {processes} processes in all"
+        raise TransferlabError(f"{out} was training in {processes} process(es) and continues only as it began: "
+                               f"resume it {how}, or start again with --overwrite")
     config = TrainConfig.from_dict(meta["config"])
-    splits = load_splits(config)
+    device = devices.resolve(config)
+    with distributed.main_first():
+        splits = load_splits(config)
     if splits.fingerprint() != meta["data"]:
         raise TransferlabError(f"the images for {out} changed since it was interrupted, so it cannot continue as it "
                                "began; start again with --overwrite")
-    return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors))
+    return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors), device)
 
 
 @contextlib.contextmanager
 def _interruptible(checkpoint: Path | None, out: str | Path | None) -> Iterator[None]:
     """Ctrl-C, or SIGTERM (kill, a scheduler's time limit), stops training with an `Interrupted` that says
-    whether and how the run can continue. Signal handlers can only be set from the main thread."""
+    whether and how the run can continue; so does another process of the run stopping, under torchrun.
+    Signal handlers can only be set from the main thread."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
-        yield
-    except KeyboardInterrupt:
+        with distributed.watched():
+            yield
+    except (KeyboardInterrupt, distributed.ProcessLost) as e:
         if checkpoint is None:
             raise
         kept = (f"the finished epochs are saved: continue with `transferlab train --resume {out}`"
                 if checkpoint.exists() else "no epoch had finished, so nothing was saved")
-        raise Interrupted(f"interrupted; {kept}") from None
+        raise Interrupted(f"{e if isinstance(e, distributed.ProcessLost) else 'interrupted'}; {kept}") from None
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
