@@ -25,7 +25,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from sklearn import metrics as skm
 
 from .compare import Comparison, table
-from .data import ImageDataset, ImageSet
+from .data import ImageSet
+from .feeds import ImageDataset
 from .model import Classifier
 from .runs import write_atomic
 from .strategies import STRATEGIES
