@@ -16,14 +16,17 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import distributed
 from .errors import TransferlabError
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_dir() -> Path:
@@ -95,7 +98,7 @@ class FeatureCache:
               ) -> tuple[np.ndarray, Path | None]:
         array, tmp, pos = None, None, 0
         for x, _ in batches:
-            out = fn(x).to(torch.float16).numpy()
+            out = fn(x).half().numpy()
             if array is None:
                 array, tmp = self._new(name, (count, *out.shape[1:]))
             array[pos:pos + len(out)] = out

@@ -74,7 +74,7 @@ class Comparison:
         return max(self.rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
 
 
-def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Path, test: str | None = None,
+def run_comparison(config: TrainConfig, strategies: str | Sequence[str], out: str | Path, test: str | None = None,
                    overwrite: bool = False) -> Comparison:
     """Train each strategy on the same data and write their runs and comparison.json/csv to `out` (the report
     is `report.write`'s)."""
@@ -105,7 +105,9 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
     return comparison
 
 
-def _configs(config: TrainConfig, strategies: Sequence[str]) -> dict[str, TrainConfig]:
+def _configs(config: TrainConfig, strategies: str | Sequence[str]) -> dict[str, TrainConfig]:
+    if isinstance(strategies, str):  # "partial,full" or one name, never its characters
+        strategies = [s.strip() for s in strategies.split(",")]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise TransferlabError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")

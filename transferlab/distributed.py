@@ -6,7 +6,8 @@ Every helper here does nothing in one process, so a run without torchrun is exac
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) says where a process stands;
 `start` joins the process group once `devices` knows the device (gloo on the CPU, NCCL on CUDA). Whatever is
 not gradients (barriers, summed losses, gathered probabilities) goes through a gloo group on the CPU, which
-needs no device tensors and can name a process that stopped answering (`monitored_barrier`).
+needs no device tensors and can name a process that stopped answering (`monitored_barrier`). Importing this
+module is light: torch loads only where there is more than one process.
 
 What each process does, and which helper sees to it:
 - its share of every pass over images: `share` for evaluation and feature caching (each image in exactly one
@@ -29,17 +30,19 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import TypeVar
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import TransferlabError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .model import Classifier
+
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 TIMEOUT = timedelta(minutes=30)  # how long a process waits for the others in any collective, then gives up
-_coordination: dist.ProcessGroup | None = None  # gloo: barriers, sums and gathers on the CPU
+_coordination: Any = None  # once started: the gloo group for barriers, sums and gathers on the CPU
 
 T = TypeVar("T")
 
@@ -76,7 +79,8 @@ def is_main() -> bool:
 
 
 def started() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process has joined the others (`start`)."""
+    return _coordination is not None
 
 
 def start(device: torch.device) -> None:
@@ -88,6 +92,8 @@ def start(device: torch.device) -> None:
     if backend is None:
         raise TransferlabError(f"torchrun runs transferlab on the CPU or on CUDA GPUs, not on {device.type}; "
                                "pass --device cpu")
+    import torch.distributed as dist
+
     dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if backend == "nccl" else None)
     _coordination = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else dist.group.WORLD
     atexit.register(dist.destroy_process_group)
@@ -96,7 +102,11 @@ def start(device: torch.device) -> None:
 def lost(error: BaseException) -> bool:
     """Whether `error` came from a collective that another process left: c10d's own errors, or gloo's
     RuntimeErrors ('Connection reset by peer', 'Timed out waiting ...')."""
-    return started() and (isinstance(error, dist.DistError) or "/gloo/" in str(error))
+    if not started():
+        return False
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or "/gloo/" in str(error)
 
 
 @contextlib.contextmanager
@@ -115,6 +125,8 @@ def watched() -> Iterator[None]:
 def barrier() -> None:
     """Wait until every process is here; if one does not come, the main process names it."""
     if world_size() > 1:
+        import torch.distributed as dist
+
         with watched():
             dist.monitored_barrier(_coordination, timeout=TIMEOUT, wait_all_ranks=True)
 
@@ -159,6 +171,8 @@ def share(n: int, seed: int, of: int | None = None) -> list[int]:
     across processes, in folder order within a share."""
     if world_size() == 1:
         return list(range(n))
+    import torch
+
     _check(n, "images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[rank() if of is None else of::world_size()])
@@ -184,10 +198,14 @@ def split(order: list[int]) -> list[int]:
 
 def all_sum(*values: float | torch.Tensor) -> list[float]:
     """Each number summed over every process (a pass's loss total, correct answers, images)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
     summed = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if world_size() > 1:
-        with watched():
-            dist.all_reduce(summed, group=_coordination)
+    with watched():
+        dist.all_reduce(summed, group=_coordination)
     return summed.tolist()
 
 
@@ -196,6 +214,9 @@ def gather(values: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     however uneven the shares (no padding reaches a metric)."""
     if world_size() == 1:
         return values
+    import torch
+    import torch.distributed as dist
+
     parts = shares(n, seed)
     size = max(map(len, parts))
     padded = values.new_zeros((size, *values.shape[1:]), device="cpu")
@@ -209,28 +230,12 @@ def gather(values: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return out
 
 
-class _Trained(nn.Module):
-    """A classifier's trained blocks and head as the only submodules, so that DDP broadcasts, buckets and
-    averages just their parameters; its forward runs the whole classifier, frozen prefix included."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.blocks = nn.ModuleList(model.blocks[model.frozen:])
-        self.head = model.head
-        self.classifier = [model]  # in a list: not registered, so its frozen blocks stay outside DDP
-
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        return self.classifier[0](x, start)
-
-    def train(self, mode: bool = True) -> _Trained:
-        self.training = mode
-        self.classifier[0].train(mode)  # the classifier keeps frozen blocks (and frozen BatchNorm) in eval
-        return self
-
-
-def wrap(model) -> nn.Module:
-    """What the loop trains: the classifier itself in one process; under torchrun its trained part in
-    DistributedDataParallel (torchvision's `model` beside `model_without_ddp`, which stays `model`)."""
+def wrap(model: Classifier) -> nn.Module:
+    """What the loop trains: the classifier itself in one process; under torchrun its trained part
+    (`Classifier.trained_part`) in DistributedDataParallel, so that frozen blocks are no parameters of it
+    (torchvision's `model` beside `model_without_ddp`, which stays `model`)."""
     if world_size() == 1:
         return model
-    return nn.parallel.DistributedDataParallel(_Trained(model))
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model.trained_part())

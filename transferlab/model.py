@@ -95,6 +95,30 @@ class Classifier(nn.Module):
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def trained_part(self) -> TrainedPart:
+        """The blocks after the frozen prefix and the head, as a module of their own (for DDP)."""
+        return TrainedPart(self)
+
+
+class TrainedPart(nn.Module):
+    """A classifier's trained blocks and head as its only submodules, so that DistributedDataParallel
+    broadcasts, buckets and averages just their parameters; its forward runs the whole classifier, whose
+    frozen prefix is thus no part of it."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.blocks = nn.ModuleList(model.blocks[model.frozen:])
+        self.head = model.head
+        self.classifier = [model]  # in a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.classifier[0](x, start)
+
+    def train(self, mode: bool = True) -> TrainedPart:
+        self.training = mode
+        self.classifier[0].train(mode)  # which keeps frozen blocks, and frozen BatchNorm, in inference mode
+        return self
+
 
 @dataclass
 class Built:

@@ -26,7 +26,8 @@ from sklearn import metrics as skm
 
 from . import distributed
 from .compare import Comparison, table
-from .data import ImageDataset, ImageSet
+from .data import ImageSet
+from .feeds import ImageDataset
 from .model import Classifier
 from .runs import write_atomic
 from .strategies import STRATEGIES
