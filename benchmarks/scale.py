@@ -88,8 +88,9 @@ def main() -> None:
     for r in rows:
         if r["processes"] > 1:
             one = next(x for x in rows if x["strategy"] == r["strategy"] and x["processes"] == 1)
-            print(f"{r['strategy']}: {r['processes']} processes / 1, training images/s {r['images_per_s'] / one['images_per_s']:.2f}, "
-                  f"training time {r['train'] / one['train']:.2f}, wall time {r['wall'] / one['wall']:.2f}")
+            print(f"{r['strategy']}: {r['processes']} processes / 1: training images/s "
+                  f"{r['images_per_s'] / one['images_per_s']:.2f}, training time {r['train'] / one['train']:.2f}, "
+                  f"wall time {r['wall'] / one['wall']:.2f}")
 
 
 if __name__ == "__main__":

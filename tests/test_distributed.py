@@ -1,9 +1,10 @@
 """Data-parallel runs under torchrun, on the CPU with gloo over loopback: the same results as one process, one
-run directory, the same feature cache, an interrupted run resumed, and two "machines" that meet by c10d
-rendezvous.
+run directory, the same feature cache either way, an interrupted run resumed, and two "machines" that meet by
+c10d rendezvous.
 
-Every torchrun start costs several seconds (each process imports torch), so each run below serves several
-assertions through a module-scoped fixture.
+Every torchrun start costs several seconds (each process imports torch and timm), so three starts serve every
+assertion here through module-scoped fixtures: `compare` with two processes; `train` with two, stopped by
+SIGTERM to one of them; and its `--resume` as two machines of one process each.
 """
 
 from __future__ import annotations
@@ -31,35 +32,35 @@ from .test_reliability import error_line, flags
 # by process), the same computation up to rounding; 18 training images, so no process pads its share.
 ONE = TINY | {"val_split": 0.25, "batch_size": 8, "dropout": 0.0}
 TWO = ONE | {"batch_size": 4}
-RESUME = "continue with `transferlab train --resume {}`"
+FULL = {"strategy": "full", "cache": False, "epochs": 6, "patience": 0}  # images decoded each epoch: slow epochs
 
 
 def torchrun(*argv: str, launch: tuple[str, ...] = ("--standalone", "--nproc-per-node", "2"), cwd: Path,
              wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    """`torchrun LAUNCH -m transferlab ARGV` in `cwd` (its own feature cache there), output captured."""
+    """`torchrun LAUNCH -m transferlab ARGV` in `cwd` (with its own default feature cache), output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "transferlab", *argv]
-    env = os.environ | {"TRANSFERLAB_CACHE": str(cwd / "default-cache")}
+    env = os.environ | {"TRANSFERLAB_CACHE": str(cwd / "default-cache"), "OMP_NUM_THREADS": "1"}  # 2 cores, 2 processes
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(command, cwd=cwd, env=env, text=True, capture_output=True, timeout=300)
 
 
 def said(stderr: str) -> list[str]:
-    """transferlab's own lines among torchrun's (its warnings, its report of a failed process)."""
+    """transferlab's own lines among torchrun's (its warnings, its report of a process that failed)."""
     return [line for line in stderr.splitlines() if line.startswith("transferlab:")]
 
 
-def ours_raised(stderr: str) -> bool:
-    """Whether a transferlab process printed a traceback (torchrun prints its own when a process fails)."""
-    return any("transferlab/" in line and line.lstrip().startswith("File ") for line in stderr.splitlines())
+def clean(done: subprocess.CompletedProcess) -> bool:
+    """No transferlab process printed a traceback (torchrun prints its own when a process fails)."""
+    return not any("transferlab/" in line and line.lstrip().startswith("File ") for line in done.stderr.splitlines())
 
 
 def run_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
 
 
-def within_one_image(a: dict, b: dict) -> bool:
-    return a["n_images"] == b["n_images"] and abs(a["accuracy"] - b["accuracy"]) * a["n_images"] <= 1 + 1e-9
+def within_one_image(a: float, b: float, images: int) -> bool:
+    return abs(a - b) * images <= 1 + 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -70,99 +71,61 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def one_process(root) -> tl.Run:
-    return tl.train(root / "data", out=root / "one" / "run", strategy="partial", cache_dir=str(root / "cache-one"),
-                    **ONE)
+# ---------------------------------------------------------------- compare, and the feature cache
 
 
 @pytest.fixture(scope="module")
-def two_machines(root) -> list[subprocess.CompletedProcess]:
-    """`train` in two torchrun invocations of one process each, as on two machines: --nnodes 2, c10d
-    rendezvous on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-              f"127.0.0.1:{port}", "--rdzv-id", "two-machines")
-    argv = ("train", "--data", str(root / "data"), "--out", str(root / "two" / "run"), "--strategy", "partial",
-            "--cache-dir", str(root / "cache-two"), *flags(TWO))
-    machines = [torchrun(*argv, launch=launch, cwd=root, wait=False) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in machines]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(machines, outputs)]
-
-
-def test_two_machines_train_one_run_as_one_process_does(two_machines, one_process, root):
-    for machine in two_machines:
-        assert machine.returncode == 0 and not ours_raised(machine.stderr), machine.stderr
-    assert sum("-> " in m.stdout for m in two_machines) == 1  # only the main process prints the result
-    assert run_dirs(root / "two") == ["run"] and os.listdir(root / "two") == ["run"]  # nothing left beside it
-    two = tl.load(root / "two" / "run")
-    assert two.info["device"]["processes"] == 2 and one_process.info["device"]["processes"] == 1
-    assert within_one_image(two.metrics, one_process.metrics), (two.metrics, one_process.metrics)
-
-
-def test_the_sharded_cache_is_the_single_process_cache(two_machines, one_process, root):
-    one, two = ({p.name: np.load(p) for p in (root / name).glob("*.npy")} for name in ("cache-one", "cache-two"))
-    assert one.keys() == two.keys() and len(one) == 2  # train and validation features, no parts left
-    for name in one:  # equal up to fp16 rounding: oneDNN's sums round by thread count and batch size
-        assert np.allclose(one[name], two[name], rtol=2e-3, atol=1e-3), name
-    again = tl.train(root / "data", strategy="partial", cache_dir=str(root / "cache-two"), **ONE)
-    assert again.info["cache"]["misses"] == 0  # one process reuses two's
-
-
-@pytest.fixture(scope="module")
-def compared(root, one_process) -> tuple[subprocess.CompletedProcess, tl.Comparison]:
-    """compare with two processes (on the cache one process wrote), and with one."""
-    one_cache = str(root / "cache-one")
+def compared(root) -> tuple[subprocess.CompletedProcess, tl.Comparison]:
+    """compare feature-extraction and partial with two processes, on a cache where one process left the
+    feature-extraction features (block 9); and with one process, on a cache of its own."""
+    tl.train(root / "data", strategy="feature-extraction", cache_dir=str(root / "cache-shared"), **ONE)
     strategies = ["feature-extraction", "partial"]
     two = torchrun("compare", "--data", str(root / "data"), "--test", str(root / "test"), "--strategies",
-                   ",".join(strategies), "--out", str(root / "compare-two"), "--cache-dir", one_cache, *flags(TWO),
-                   cwd=root)
+                   ",".join(strategies), "--out", str(root / "compare-two"), "--cache-dir", str(root / "cache-shared"),
+                   *flags(TWO), cwd=root)
     one = tl.compare(root / "data", strategies, root / "compare-one", test=root / "test",
-                     cache_dir=str(root / "cache-compare-one"), **ONE)
+                     cache_dir=str(root / "cache-one"), **ONE)
     return two, one
 
 
-def test_compare_with_two_processes_writes_one_comparison_as_one_process_does(compared, one_process, root):
+def test_compare_with_two_processes_writes_one_comparison_as_one_process_does(compared, root):
     two, one = compared
-    assert two.returncode == 0 and not ours_raised(two.stderr), two.stderr
-    assert two.stdout.count("best: ") == 1
+    assert two.returncode == 0 and clean(two), two.stderr
+    assert two.stdout.count("best: ") == 1  # only the main process prints
     out = root / "compare-two"
     assert run_dirs(out) == ["feature-extraction", "partial"]
     assert sorted(os.listdir(out)) == ["comparison.csv", "comparison.json", "feature-extraction", "partial", "plots",
                                        "report.html", "report.md"]
     rows = {r["strategy"]: r for r in json.loads((out / "comparison.json").read_text())["strategies"]}
-    for name, row in rows.items():
-        mine = next(r for r in one.rows if r["strategy"] == name)
+    for mine in one.rows:
+        row = rows[mine["strategy"]]
+        assert row["epochs_run"] == mine["epochs_run"] and tl.load(row["run_dir"]).info["device"]["processes"] == 2
         for split, images in (("val", one.splits.val), ("test", one.splits.test)):
-            assert abs(row[f"{split}_accuracy"] - mine[f"{split}_accuracy"]) * len(images) <= 1 + 1e-9, name
-    assert rows["partial"]["features_computed"] == 0  # two processes read the features one process wrote
+            assert within_one_image(row[f"{split}_accuracy"], mine[f"{split}_accuracy"], len(images)), row
 
 
-def test_pure_shares_cover_every_image_once_and_splits_keep_the_global_batch(monkeypatch):
-    for world in (2, 3):
-        monkeypatch.setenv("WORLD_SIZE", str(world))
-        shares = distributed.shares(10, seed=4)
-        assert sorted(sum(shares, [])) == list(range(10)) and max(map(len, shares)) - min(map(len, shares)) <= 1
-        assert all(s == sorted(s) for s in shares) and shares == distributed.shares(10, seed=4)
-        order = list(np.random.default_rng(0).permutation(11))
-        parts = []
-        for rank in range(world):
-            monkeypatch.setenv("RANK", str(rank))
-            parts.append(distributed.split(order))
-        assert len({len(p) for p in parts}) == 1  # as many steps in every process
-        for k in range(0, len(parts[0]), 2):  # global batch k of 2 per process = one process's batch k
-            got = sorted(x for p in parts for x in p[k:k + 2])
-            assert got == sorted((order + order)[k * world:(k + 2) * world])
+def test_the_sharded_cache_is_the_single_process_cache_and_either_reuses_the_other(compared, root):
+    two, _ = compared
+    rows = {r["strategy"]: r for r in json.loads((root / "compare-two" / "comparison.json").read_text())["strategies"]}
+    assert rows["feature-extraction"]["features_computed"] == 0  # two processes read one process's block 9
+    assert rows["partial"]["features_computed"] == 2  # and shared out block 8, train and validation
+    shared, one = ({p.name: np.load(p) for p in (root / name).glob("*.npy")} for name in ("cache-shared", "cache-one"))
+    assert shared.keys() == one.keys() and len(one) == 4  # blocks 8 and 9, train and validation; no parts left
+    for name in one:  # equal up to float16 rounding: oneDNN rounds by thread count and batch size
+        assert np.allclose(shared[name], one[name], rtol=2e-3, atol=1e-3), name
+    again = tl.train(root / "data", strategy="partial", cache_dir=str(root / "cache-shared"), **ONE)
+    assert again.info["cache"]["misses"] == 0  # one process reads the block 8 that two processes wrote
+
+
+# ---------------------------------------------------------------- train: SIGTERM, resume, two machines
 
 
 @pytest.fixture(scope="module")
-def interrupted(root) -> tuple[Path, subprocess.CompletedProcess]:
+def stopped(root) -> tuple[Path, subprocess.CompletedProcess]:
     """Full fine-tuning with two processes, stopped by SIGTERM to the second after the first checkpoint."""
-    run_dir = root / "stopped" / "run"
-    process = torchrun("train", "--data", str(root / "data"), "--out", str(run_dir), "--strategy", "full",
-                       *flags(TWO | {"epochs": 8, "patience": 0}), cwd=root, wait=False)
+    run_dir = root / "train" / "run"
+    process = torchrun("train", "--data", str(root / "data"), "--out", str(run_dir), *flags(TWO | FULL), cwd=root,
+                       wait=False)
     deadline = time.monotonic() + 240
     while not checkpoint_path(run_dir).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -172,23 +135,63 @@ def interrupted(root) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int:
-    """The process torchrun started for `rank` (Linux: its children, by their environment)."""
+    """The process that torchrun started for `rank` (Linux: its children, told apart by their environment)."""
     children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
     return next(int(c) for c in children
                 if f"RANK={rank}".encode() in Path(f"/proc/{c}/environ").read_bytes().split(b"\0"))
 
 
-def test_sigterm_to_one_process_stops_all_with_a_checkpoint_that_resumes(interrupted, root, capsys):
-    run_dir, stopped = interrupted
-    assert stopped.returncode != 0 and not ours_raised(stopped.stderr), stopped.stderr
-    [line] = said(stopped.stderr)  # the main process says it, once
-    assert line.endswith(RESUME.format(run_dir)), line
-    assert not run_dir.exists() and os.listdir(run_dir.parent) == [checkpoint_path(run_dir).name]
+@pytest.fixture(scope="module")
+def resumed(stopped, root) -> list[subprocess.CompletedProcess]:
+    """The stopped run resumed by two torchrun invocations of one process each, as on two machines: --nnodes 2
+    and c10d rendezvous on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+              f"127.0.0.1:{port}", "--rdzv-id", "two-machines")
+    machines = [torchrun("train", "--resume", str(stopped[0]), launch=launch, cwd=root, wait=False) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in machines]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(machines, outputs)]
 
+
+def test_sigterm_to_one_process_stops_both_with_a_checkpoint_that_only_two_processes_resume(stopped, capsys):
+    run_dir, done = stopped
+    assert done.returncode != 0 and clean(done), done.stderr
+    [line] = said(done.stderr)  # the main process says it, once
+    assert line.endswith(f"continue with `transferlab train --resume {run_dir}`"), line
+    assert not run_dir.exists() and os.listdir(run_dir.parent) == [checkpoint_path(run_dir).name]
     assert cli.main(["train", "--resume", str(run_dir)]) == 2  # one process cannot continue what two began
-    assert "under torchrun with 2 processes" in error_line(capsys)
-    resumed = torchrun("train", "--resume", str(run_dir), cwd=root)
-    assert resumed.returncode == 0 and not ours_raised(resumed.stderr), resumed.stderr
-    assert os.listdir(run_dir.parent) == ["run"]
-    run = tl.load(run_dir)
-    assert [int(row["epoch"]) for row in run.history] == list(range(1, 9)) and run.info["device"]["processes"] == 2
+    assert "resume it under torchrun with 2 processes in all" in error_line(capsys)
+
+
+def test_two_machines_resume_it_to_one_run_as_one_process_trains(resumed, stopped, root):
+    run_dir, _ = stopped
+    for machine in resumed:
+        assert machine.returncode == 0 and clean(machine), machine.stderr
+    assert sum("-> " in m.stdout for m in resumed) == 1  # only the main process prints the result
+    assert os.listdir(run_dir.parent) == ["run"]  # the run directory, and no checkpoint or staging beside it
+    two = tl.load(run_dir)
+    assert [row["epoch"] for row in two.history] == list(range(1, FULL["epochs"] + 1))
+    assert two.info["device"]["processes"] == 2
+    one = tl.train(root / "data", **ONE | FULL)
+    assert within_one_image(two.metrics["accuracy"], one.metrics["accuracy"], two.metrics["n_images"])
+
+
+# ---------------------------------------------------------------- shares and splits, without processes
+
+
+def test_shares_cover_every_image_once_and_splits_keep_the_global_batch(monkeypatch):
+    for world in (2, 3):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        shares = distributed.shares(10, seed=4)
+        assert sorted(sum(shares, [])) == list(range(10)) and max(map(len, shares)) - min(map(len, shares)) <= 1
+        assert all(s == sorted(s) for s in shares) and shares == distributed.shares(10, seed=4)
+        order = [int(i) for i in np.random.default_rng(0).permutation(11)]
+        parts = []
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            parts.append(distributed.split(order))
+        assert len({len(p) for p in parts}) == 1  # as many steps in every process
+        for k in range(0, len(parts[0]), 2):  # global batch k, 2 images a process: one process's batch k
+            assert sorted(i for p in parts for i in p[k:k + 2]) == sorted((order + order)[k * world:(k + 2) * world])

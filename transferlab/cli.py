@@ -23,7 +23,7 @@ HELP = {
     "epochs": "maximum epochs (of each stage's second part for two-stage) (default 10)",
     "head_epochs": "two-stage: maximum head-only epochs before unfreezing (default: --epochs)",
     "patience": "stop after this many epochs without a lower validation loss; 0 = off (default 3)",
-    "batch_size": "images per step (default 32)",
+    "batch_size": "images per step; under torchrun per process, so a step takes N times as many (default 32)",
     "image_size": "input size in pixels (default: the backbone's pretrained size)",
     "augment": "training augmentation: none (default), light (flip), standard (flip, rotate 20, zoom 10%%, contrast 10%%)",
     "head": "gap (pool, dropout, linear; default) or flatten (dense 256, the VGG16 notebooks' head)",

@@ -303,14 +303,18 @@ def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
 @contextlib.contextmanager
 def _interruptible(checkpoint: Path | None, out: str | Path | None) -> Iterator[None]:
     """Ctrl-C, or SIGTERM (kill, a scheduler's time limit), stops training with an `Interrupted` that says
-    whether and how the run can continue; so does another process of the run stopping, under torchrun.
-    Signal handlers can only be set from the main thread."""
+    whether and how the run can continue; so does another process of the run stopping, under torchrun, which
+    then also sends SIGTERM to this process: the process ignores it, as it is stopping already, so that the
+    message gets out. Signal handlers can only be set from the main thread."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         with distributed.watched():
             yield
     except (KeyboardInterrupt, distributed.ProcessLost) as e:
+        if main and distributed.world_size() > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = signal.SIG_IGN  # and so it stays: the process ends with the message
         if checkpoint is None:
             raise
         kept = (f"the finished epochs are saved: continue with `transferlab train --resume {out}`"
