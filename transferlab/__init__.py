@@ -5,15 +5,44 @@
     run.predict(["new.jpg"])
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-from .compare import compare
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from .config import TrainConfig
 from .errors import TransferlabError
 from .memory import reuse_freed_memory
-from .runs import Run
+
+if TYPE_CHECKING:
+    from .compare import Comparison
+    from .runs import Run
 
 __all__ = ["TrainConfig", "TransferlabError", "Run", "train", "resume", "load", "compare"]
+
+
+def __getattr__(name: str):
+    """`Run` on first use: it imports torch, which `transferlab.exported` and the command line may not need."""
+    if name == "Run":
+        from .runs import Run
+
+        return Run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `transferlab.compare` (lazily, so possibly after this) must not replace the
+    function `transferlab.compare` as the package's attribute."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name == "compare" and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def train(data: str | Path, out: str | Path | None = None, overwrite: bool = False, **options) -> Run:
@@ -34,4 +63,15 @@ def resume(out: str | Path) -> Run:
 
 def load(path: str | Path) -> Run:
     """A saved run, ready to `evaluate(folder)` and `predict(paths)`."""
+    from .runs import Run
+
     return Run.load(path)
+
+
+def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: str | Path | None = None,
+            overwrite: bool = False, **options) -> Comparison:
+    """Train each strategy on `data` and write the comparison and its report to `out`; options are
+    TrainConfig fields (except strategy)."""
+    from .compare import compare as _compare
+
+    return _compare(data, strategies, out, test, overwrite, **options)

@@ -1,14 +1,19 @@
-"""The one dataclass that describes a training run; saved as config.json in every run directory."""
+"""The one dataclass that describes a training run; saved as config.json in every run directory.
+
+It imports no torch, so that reading a config (and the command line that is built from it) costs nothing.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 
-from .data import AUGMENTATIONS, DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
-from .model import HEADS
+from .images import DEFAULT_MAX_PIXELS
 from .strategies import STRATEGIES
+
+AUGMENTATIONS = ("none", "light", "standard")  # data.transforms
+HEADS = ("gap", "flatten")  # model.make_head
 
 
 @dataclass

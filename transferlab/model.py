@@ -10,10 +10,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .data import Preprocessing
+from .images import Preprocessing
 from .precision import conv_args
-
-HEADS = ("gap", "flatten")
 
 
 def make_head(kind: str, feature_shape: torch.Size, outputs: int, dropout: float) -> nn.Sequential:

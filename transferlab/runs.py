@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from . import data, metrics
+from . import data, images, metrics, predictions
 from .config import TrainConfig
 from .errors import TransferlabError
 from .model import Classifier
@@ -184,9 +184,17 @@ class Run:
         return run_epoch(self.model, loader, 0, self.config, desc="predicting")[2].numpy()
 
     @property
-    def preprocessing(self) -> data.Preprocessing:
-        return data.Preprocessing(**{**self.info["preprocessing"], "mean": tuple(self.info["preprocessing"]["mean"]),
-                                     "std": tuple(self.info["preprocessing"]["std"])})
+    def preprocessing(self) -> images.Preprocessing:
+        return images.Preprocessing.from_dict(self.info["preprocessing"])
+
+    @property
+    def card(self) -> dict:
+        """What someone trying the model wants to know about it: the served page shows it, an export carries it."""
+        validation = ("n_images", "accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+        return {"backbone": self.config.backbone, "weights": self.info["backbone"]["weights"],
+                "strategy": self.config.strategy, "image_size": self.preprocessing.size, "classes": self.classes,
+                "data": self.config.data, "validation": {k: self.metrics.get(k) for k in validation},
+                "run": None if self.path is None else str(self.path.resolve())}
 
     def evaluate(self, folder: str | Path) -> dict:
         """Metrics on a labelled folder whose class names match the training classes."""
@@ -198,27 +206,12 @@ class Run:
 
     def predict(self, paths: list[str | Path], top_k: int = 3) -> list[dict]:
         """Label and probability per image (top-k for multi-class); unreadable files get an `error`."""
-        files, rows = [], []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.is_file() and data.is_candidate(f)
-                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            else:
-                files.append(p)
-        good = []
+        files, errors = images.find(paths), {}
         for f in files:
             try:
-                data.load_image(f, self.config.max_pixels)
-                good.append(f)
-                rows.append({"path": str(f)})
-            except data.BadImage as e:
-                rows.append({"path": str(f), "error": str(e)})
-        if good:
-            probs = iter(self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
-            for row in rows:
-                if "error" not in row:
-                    p = next(probs)
-                    order = np.argsort(-p)[: min(top_k, len(self.classes))]
-                    row |= {"label": self.classes[order[0]], "probability": float(p[order[0]]),
-                            "top": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
-        return rows
+                images.load_image(f, self.config.max_pixels)
+            except images.BadImage as e:
+                errors[f] = str(e)
+        good = [f for f in files if f not in errors]
+        probs = self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))) if good else []
+        return predictions.rows(files, errors, probs, self.classes, top_k)
