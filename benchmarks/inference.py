@@ -1,6 +1,6 @@
 """Inference speed end to end, from a JPEG file on disk to a label, for each engine, measured in one run.
 
-    .venv/bin/python benchmarks/inference.py [--photos DIR] [--single 200] [--batches 4]
+    .venv/bin/python benchmarks/inference.py [--data DIR] [--single 200] [--batches 4]
 
 For tf_efficientnet_lite0 (ImageNet weights) and resnet50 (weights none: the speed does not depend on them), each
 a feature-extraction run trained for one epoch on 64 of the photos, so that the int8 copy is calibrated on photos:
@@ -10,8 +10,8 @@ a feature-extraction run trained for one epoch on 64 of the photos, so that the 
       (NumPy + Pillow), as `transferlab predict MODEL.onnx` does
 Batch 1: p50 and p95 milliseconds per photo over --single photos (after 3 to warm up), and images/s.
 Batch 32: images/s over --batches batches. bf16 is far slower on a CPU without bf16 instructions (AVX2 here), so it
-runs on a tenth of the photos and one batch. Photos: DIR, else the shared cats-vs-dogs validation photos, else
-synthetic 500x375 JPEGs.
+runs on a tenth of the photos and one batch. Photos: DIR/validation and DIR/train (default: the shared
+cats-vs-dogs photos), else synthetic 500x375 JPEGs.
 
 Goals for tf_efficientnet_lite0: ONNX Runtime batch-1 p50 <= 10 ms end to end; ONNX Runtime >= 1.5x PyTorch
 eager's batch-1 images/s (both fp32).
@@ -52,15 +52,15 @@ def synthetic(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def training_folder(tmp: Path) -> Path:
-    """64 photos in two classes, linked (the shared ones) or made."""
-    if not (SHARED / "train").is_dir():
+def training_folder(data_dir: Path | None, tmp: Path) -> Path:
+    """64 photos in two classes: links to the first 32 of each class of `data_dir`/train, or made."""
+    if data_dir is None:
         synthetic(tmp / "train", 64)
         return tmp / "train"
-    for name in ("cats", "dogs"):
-        (tmp / "train" / name).mkdir(parents=True)
-        for f in sorted((SHARED / "train" / name).glob("*.jpg"))[:32]:
-            (tmp / "train" / name / f.name).symlink_to(f)
+    for folder in sorted(p for p in (data_dir / "train").iterdir() if p.is_dir())[:2]:
+        (tmp / "train" / folder.name).mkdir(parents=True)
+        for f in images.find([folder])[:32]:
+            (tmp / "train" / folder.name / f.name).symlink_to(f)
     return tmp / "train"
 
 
@@ -111,7 +111,7 @@ def measure(labels: Callable[[list[Path]], list], photos: list[Path], single: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=Path)
+    parser.add_argument("--data", type=Path, default=SHARED if SHARED.is_dir() else None)
     parser.add_argument("--single", type=int, default=200, help="photos timed one at a time")
     parser.add_argument("--batches", type=int, default=4, help="batches of 32 timed")
     args = parser.parse_args()
@@ -120,11 +120,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = args.photos or (SHARED / "validation" if SHARED.is_dir() else None)
-        photos = images.find([folder]) if folder else synthetic(tmp / "photos", 64)
+        photos = images.find([args.data / "validation"]) if args.data else synthetic(tmp / "photos", 64)
         photos = [photos[i] for i in np.random.default_rng(0).permutation(len(photos))]
-        print(f"{len(photos)} photos from {folder or 'synthetic'}")
-        train = training_folder(tmp)
+        print(f"{len(photos)} photos from {args.data / 'validation' if args.data else 'synthetic'}")
+        train = training_folder(args.data, tmp)
         for backbone, weights in MODELS.items():
             run = tl.train(train, out=tmp / backbone, backbone=backbone, weights=weights, strategy="feature-extraction",
                            epochs=1, bf16=False, cache_dir=str(tmp / "cache"), workers=0)

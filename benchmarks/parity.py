@@ -43,7 +43,8 @@ def main() -> None:
             with torch.inference_mode():
                 expected = probabilities(run.model(x.to(next(run.model.parameters()).device))).cpu().numpy()
             got = fp32.probabilities(x.numpy())
-            worst, differ = max(worst, float(np.abs(got - expected).max())), differ + int((got.argmax(1) != expected.argmax(1)).sum())
+            worst = max(worst, float(np.abs(got - expected).max()))
+            differ += int((got.argmax(1) != expected.argmax(1)).sum())
             pixels += [np.abs(images.prepare(images.load_image(f, draft=pre.resize), pre).astype(int) - t.numpy())
                        for f, t in zip(val[start:start + 32], x)]
         print(f"{run.path}: {run.config.backbone}, {len(val)} validation photos")
@@ -58,8 +59,8 @@ def main() -> None:
         labels = sum(a["label"] != b["label"] for a, b in zip(from_file, from_run))
         diff = max(abs(a["probability"] - b["probability"]) for a, b in zip(from_file, from_run))
         every = np.concatenate([p.ravel() for p in pixels])
-        print(f"3. end to end: pixels differ by at most {every.max()} levels ({100 * (every > 0).mean():.2f}% of values "
-              f"differ, {100 * (every > 1).mean():.4f}% by more than 1); labels that differ: {labels}; "
+        print(f"3. end to end: pixels differ by at most {every.max()} levels ({100 * (every > 0).mean():.2f}% of "
+              f"values differ, {100 * (every > 1).mean():.4f}% by more than 1); labels that differ: {labels}; "
               f"largest probability difference {diff:.2g}")
 
 

@@ -46,7 +46,8 @@ def test_export_is_the_runs_model_with_a_dynamic_batch_and_its_metadata(deployed
     assert model.card["validation"]["accuracy"] == deployed.metrics["accuracy"]
     size = deployed.preprocessing.size
     for batch in (1, 5):
-        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(batch))
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = probabilities(deployed.model(x.to(next(deployed.model.parameters()).device))).cpu().numpy()
         got = model.probabilities(x.numpy())
@@ -118,7 +119,8 @@ def test_int8_copy_carries_the_metadata_and_its_accuracy_is_printed(exported):
     run, printed = exported
     fp32, int8 = onnx_files(run)
     model = ExportedModel(int8)
-    assert model.classes == run.classes and model.card["quantization"] == "int8, static, calibrated on 19 training images"
+    assert model.classes == run.classes
+    assert model.card["quantization"] == "int8, static, calibrated on 19 training images"
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
     lines = printed.splitlines()
     assert lines[0].startswith(f"wrote {fp32} (") and "ONNX Runtime gives PyTorch's probabilities within" in lines[0]
@@ -132,7 +134,8 @@ def test_export_refuses_what_it_should_in_one_line(deployed, tmp_path, capsys, m
     for argv, message in [
         ([str(deployed.path)], "model.onnx already exists; pass --overwrite to replace it"),
         ([str(deployed.path), "--out", str(photo), "--overwrite"], "is not an ONNX file that transferlab exported"),
-        ([str(deployed.path), "--out", str(tmp_path / "a.onnx"), "--quantize", "int4"], "--quantize must be one of int8"),
+        ([str(deployed.path), "--out", str(tmp_path / "a.onnx"), "--quantize", "int4"],
+         "--quantize must be one of int8"),
         ([str(tmp_path)], "is not a readable transferlab run"),
     ]:
         assert cli.main(["export", *argv]) == 2
@@ -145,8 +148,8 @@ def test_export_refuses_what_it_should_in_one_line(deployed, tmp_path, capsys, m
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     assert cli.main(["export", str(deployed.path), "--out", str(tmp_path / "b.onnx")]) == 2
-    assert capsys.readouterr().err == ("transferlab: error: cannot export backbone mobilenetv2_100 to ONNX: "
-                                       "Exporting the operator 'aten::weird' to ONNX opset version 18 is not supported.\n")
+    assert capsys.readouterr().err == ("transferlab: error: cannot export backbone mobilenetv2_100 to ONNX: Exporting "
+                                       "the operator 'aten::weird' to ONNX opset version 18 is not supported.\n")
     assert not (tmp_path / "b.onnx").exists()
 
 

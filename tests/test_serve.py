@@ -115,6 +115,11 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_goes_on(de
          "big.png is larger than 1 MB (--max-file-mb)"),
         ("request over the limit", dict(files=[("files", ("a.jpg", b"\xff" * 2**21))]), 413,
          "the request is larger than 2 MB"),
+        ("request over the limit, sent without its length",
+         dict(headers={"content-type": "multipart/form-data; boundary=b"},
+              content=iter([b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n']
+                           + [b"\xff" * 2**20] * 3)), 413,
+         "the request is larger than 2 MB"),
         ("too many files", dict(files=[upload(photo)] * 5), 400, "Too many files"),
         ("wrong field", dict(files=[("image", (photo.name, jpeg))]), 400, "unexpected form field 'image'"),
         ("text in the files field", dict(files=[("files", (None, b"cat.jpg"))]), 400, "must hold files, not text"),

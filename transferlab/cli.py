@@ -140,7 +140,8 @@ def build_parser() -> Parser:
     serve.add_argument("model", metavar="RUN_DIR|MODEL.onnx",
                        help="a run directory (Grad-CAM shown) or an ONNX file from `transferlab export`")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                            "network)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     limits = UploadLimits()
     serve.add_argument("--max-file-mb", type=float, default=limits.file_mb,

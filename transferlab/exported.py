@@ -29,8 +29,9 @@ STEPS = ("decode the file to RGB with its EXIF orientation applied; resize its s
 
 def metadata(classes: list[str], pre: Preprocessing, max_pixels: int, card: dict) -> dict[str, str]:
     """The ONNX metadata that makes a file usable alone."""
-    return {"format": FORMAT, "classes": json.dumps(classes), "preprocessing": json.dumps(asdict(pre) | {"steps": STEPS}),
-            "max_pixels": str(max_pixels), "card": json.dumps(card)}
+    return {"format": FORMAT, "classes": json.dumps(classes),
+            "preprocessing": json.dumps(asdict(pre) | {"steps": STEPS}), "max_pixels": str(max_pixels),
+            "card": json.dumps(card)}
 
 
 def batches(files: list[Path], pre: Preprocessing, max_pixels: int, errors: dict[Path, str],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -120,6 +121,9 @@ def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
 def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
     """Serve until Ctrl-C."""
     app = create_app(source, limits)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"transferlab: warning: listening on {host}: whoever can reach this machine can use the model",
+              file=sys.stderr)
     print(f"serving {source} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=64)
 
