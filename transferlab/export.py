@@ -190,7 +190,8 @@ def _quantize(fp32: Path, int8: Path, calibration: list[Path], run: Run) -> None
             quantization.quantize_static(
                 str(prepared), str(quantized), _Calibration(calibration, run),
                 quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                calibrate_method=quantization.CalibrationMethod.Percentile, activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8)
+                calibrate_method=quantization.CalibrationMethod.Percentile,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8)
         try:  # ONNX Runtime has int8 kernels that refuse some shapes (1x1 feature maps of tf_efficientnet_lite0)
             ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"]).run(
                 None, _Calibration(calibration[:2], run).get_next())
