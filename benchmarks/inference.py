@@ -34,7 +34,7 @@ import transferlab as tl
 from transferlab import data, images
 from transferlab.export import export
 from transferlab.exported import ExportedModel
-from transferlab.training import probabilities
+from transferlab.predict import probabilities
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats-vs-dogs"
 MODELS = {"tf_efficientnet_lite0": "imagenet", "resnet50": "none"}
@@ -126,7 +126,7 @@ def main() -> None:
         train = training_folder(args.data, tmp)
         for backbone, weights in MODELS.items():
             run = tl.train(train, out=tmp / backbone, backbone=backbone, weights=weights, strategy="feature-extraction",
-                           epochs=1, bf16=False, cache_dir=str(tmp / "cache"), workers=0)
+                           epochs=1, amp="off", cache_dir=str(tmp / "cache"), workers=0)
             done = export(run, quantize="int8")
             engines = {"decode + resize + crop only": decode_only(run.preprocessing),
                        "PyTorch eager fp32": torch_engine(run, bf16=False),

@@ -24,7 +24,7 @@ import transferlab as tl
 from transferlab import data, images
 from transferlab.export import export
 from transferlab.exported import ExportedModel
-from transferlab.training import probabilities
+from transferlab.predict import probabilities
 
 
 def main() -> None:

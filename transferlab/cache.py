@@ -15,15 +15,23 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_dir() -> Path:
     return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab" / "features"))
+
+
+def scan_record(root: Path, directory: Path | None = None) -> Path:
+    """Where `data.scan` keeps its verdicts on a folder's files, so that the next command skips decoding them."""
+    return (directory or default_dir()) / "scans" / f"{digest({'root': str(Path(root).resolve())})}.json"
 
 
 def digest(key: dict) -> str:
@@ -37,7 +45,6 @@ class FeatureCache:
         self.directory, self.ram_bytes = directory, ram_bytes
         self._ram: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
-
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.npy"
 
@@ -66,7 +73,7 @@ class FeatureCache:
         name = digest(key)
         array, tmp, pos = None, None, 0
         for x, _ in batches:
-            out = fn(x).to(torch.float16).numpy()
+            out = fn(x).half().numpy()
             if array is None:
                 shape = (count, *out.shape[1:])
                 nbytes = int(np.prod(shape)) * 2

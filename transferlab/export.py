@@ -26,7 +26,7 @@ from . import exported
 from .errors import TransferlabError
 from .model import Classifier
 from .runs import Run, write_atomic
-from .training import probabilities
+from .predict import probabilities
 
 OPSET = 18
 TOLERANCE = 1e-4  # largest difference in any probability between ONNX Runtime and PyTorch

@@ -9,7 +9,7 @@ decompression-bomb limit and the run's card. Images go in as uint8 RGB [batch, 3
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,9 +73,12 @@ class ExportedModel:
         """[N, classes] probabilities for uint8 images [N, 3, size, size]."""
         return self.session.run(None, {"images": batch})[0]
 
-    def predict(self, paths: list[str | Path], top_k: int = 3) -> list[dict]:
-        """What `Run.predict` answers, for the same images: label and probability per image (top-k for
-        multi-class); unreadable files get an `error`."""
-        files, errors = images.find(paths), {}
-        probs = [self.probabilities(b) for b in batches(files, self.preprocessing, self.max_pixels, errors)]
-        return predictions.rows(files, errors, np.concatenate(probs) if probs else [], self.classes, top_k)
+    def predict(self, paths: str | Path | Iterable[str | Path], top_k: int | None = None,
+                errors: str = "row") -> list[dict]:
+        """What `Run.predict` answers for the same images: label and probability per image, for one image or
+        folder or several, with the `top_k` most likely classes; a file that cannot be used gets a row with its
+        `error`, or with errors="raise" stops the call."""
+        files, top_k = predictions.request(paths, top_k, self.classes, errors)
+        unusable = {}
+        probs = [self.probabilities(b) for b in batches(files, self.preprocessing, self.max_pixels, unusable)]
+        return predictions.rows(files, unusable, np.concatenate(probs) if probs else [], self.classes, top_k, errors)

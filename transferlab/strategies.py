@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import TransferlabError
 
-if TYPE_CHECKING:  # torch only for the hints: the config (and the command line) import this module
+if TYPE_CHECKING:
     from torch import nn
 
 STRATEGIES = ("feature-extraction", "partial", "full", "two-stage", "scratch")
