@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import transferlab as tl
-from transferlab import data, images
+from transferlab import feeds, images
 from transferlab.export import export
 from transferlab.exported import ExportedModel
 from transferlab.predict import probabilities
@@ -65,7 +65,7 @@ def training_folder(data_dir: Path | None, tmp: Path) -> Path:
 
 
 def torch_engine(run: tl.Run, bf16: bool) -> Callable[[list[Path]], list[str]]:
-    pre, transform, model = run.preprocessing, data.transforms(run.preprocessing), run.model.eval()
+    pre, transform, model = run.preprocessing, feeds.transforms(run.preprocessing), run.model.eval()
     precision = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def labels(files: list[Path]) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import transferlab as tl
-from transferlab import data, images
+from transferlab import data, feeds, images
 from transferlab.export import export
 from transferlab.exported import ExportedModel
 from transferlab.predict import probabilities
@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         done = export(run, Path(tmp) / "model.onnx", quantize="int8")
         fp32 = ExportedModel(done.path)
-        dataset = data.ImageDataset(data.ImageSet(Path("."), run.classes, val, [0] * len(val)), pre)
+        dataset = feeds.ImageDataset(data.ImageSet(Path("."), run.classes, val, [0] * len(val)), pre)
         worst, differ, pixels = 0.0, 0, []
         for start in range(0, len(val), 32):
             x = torch.stack([dataset[i][0] for i in range(start, min(start + 32, len(val)))])

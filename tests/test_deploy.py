@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import transferlab as tl
-from transferlab import backbones, cli, data, images
+from transferlab import backbones, cli, feeds, images
 from transferlab.config import TrainConfig
 from transferlab.export import TOLERANCE, export
 from transferlab.exported import ExportedModel
@@ -79,7 +79,7 @@ def test_prepare_reproduces_the_torchvision_pipeline_within_two_levels(interpola
               for w, h in ((500, 375), (375, 500), (55, 80), (33, 41), (131, 97))]
     padded = (smooth[0][0], images.Preprocessing(48, 40, interpolation, (0.5,) * 3, (0.5,) * 3))
     for im, p in [*smooth, padded]:
-        expected = data.transforms(p)(im).numpy().astype(int)
+        expected = feeds.transforms(p)(im).numpy().astype(int)
         got = images.prepare(im, p).astype(int)
         assert got.shape == expected.shape == (3, 48, 48)
         assert np.abs(got - expected).max() <= 2 and (got != expected).mean() < 0.02, (im.size, p)
@@ -92,7 +92,7 @@ def test_prepare_reproduces_the_torchvision_pipeline_on_real_photos():
         pre = backbones.preprocessing(backbones.create(name, 32)[0].pretrained_cfg)
         for f in photos:
             im = images.load_image(f, draft=pre.resize)
-            difference = np.abs(images.prepare(im, pre).astype(int) - data.transforms(pre)(im).numpy())
+            difference = np.abs(images.prepare(im, pre).astype(int) - feeds.transforms(pre)(im).numpy())
             assert difference.max() <= 2 and (difference > 0).mean() < 0.01, (name, f)
 
 

@@ -124,7 +124,7 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | No
 
 
 def prepare(im: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """An RGB image as the model takes it: uint8 [3, size, size], resized and cropped as `data.transforms` does
+    """An RGB image as the model takes it: uint8 [3, size, size], resized and cropped as `feeds.transforms` does
     with torchvision (short side to `pre.resize`, antialiased; centre crop, zero-padded if smaller).
 
     Pillow resamples instead of torchvision, so pixels may differ by a rounding step or two; the tests bound it.

@@ -58,8 +58,6 @@ class _TooLarge(Exception):
 def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
     """The page and API over `source`: a run directory (PyTorch, with Grad-CAM) or an exported .onnx file."""
     model = predictions.load(source)
-    if not isinstance(model, ExportedModel):
-        model.config.workers = 0  # a request's few images decode faster in this process than in new workers
     report = None if isinstance(model, ExportedModel) else _report(model.path)
     card = model.card | {"gradcam": not isinstance(model, ExportedModel), "report": "/report" if report else None,
                          "limits": {"file_mb": limits.file_mb, "request_mb": limits.request_mb, "files": limits.files}}
@@ -254,11 +252,11 @@ def _gradcam_png(run, path: Path) -> bytes:
     """The image as the run's model sees it, with its Grad-CAM heatmap blended over it, as PNG."""
     from matplotlib import colormaps
 
-    from . import data
+    from . import feeds
     from .report import grad_cam
 
     pre = run.preprocessing
-    image = data.transforms(pre)(images.load_image(path, run.config.max_pixels, draft=pre.resize))
+    image = feeds.transforms(pre)(images.load_image(path, run.config.max_pixels, draft=pre.resize))
     cam = grad_cam(run.model, image[None])[0][0]
     heat = colormaps["jet"](cam)[..., :3] * 255
     blended = (0.6 * image.permute(1, 2, 0).numpy() + 0.4 * heat).round().astype(np.uint8)
