@@ -1,6 +1,7 @@
 """Load test of `transferlab serve` on loopback: concurrent clients each send one photo per request, and every
 answer must be exactly what `transferlab predict --json` prints for that photo (its path the photo's name).
-Prints p50/p95 latency and requests/s.
+Prints p50/p95 latency and requests/s, and for scale the latency of one client alone (20 requests first).
+The clients run in this process beside the server, on the same cores.
 
     .venv/bin/python benchmarks/serve_load.py MODEL [--photos DIR] [--clients 8] [--requests 50]
 
@@ -76,14 +77,18 @@ def main() -> None:
         photos = photos[:: max(1, len(photos) // (args.clients * args.requests))]
         expected = expected_rows(args.model, photos)
         with serve.background(args.model) as url:
+            alone, wrong_alone = hammer(url, photos, expected, 1, 20)
             began = time.perf_counter()
             latencies, wrong = hammer(url, photos, expected, args.clients, args.requests)
             seconds = time.perf_counter() - began
-    ms = np.array(latencies) * 1000
+    ms, alone = np.array(latencies) * 1000, np.array(alone) * 1000
+    wrong += wrong_alone
     print(f"{args.model}: {len(ms)} requests from {args.clients} clients, {len(photos)} distinct photos "
           f"({'synthetic' if not folder else folder})")
     print(f"latency p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; "
           f"{len(ms) / seconds:.1f} requests/s; answers equal to predict's: {len(ms) - len(wrong)}/{len(ms)}")
+    print(f"one client alone, 20 requests: p50 {np.percentile(alone, 50):.1f} ms, "
+          f"p95 {np.percentile(alone, 95):.1f} ms")
     for w in wrong[:5]:
         print("wrong:", w)
     raise SystemExit(1 if wrong else 0)

@@ -63,6 +63,10 @@ def test_api_answers_what_predict_prints(deployed, onnx_url, run_url, capsys):
         printed = [row | {"path": Path(row["path"]).name} for row in json.loads(capsys.readouterr().out)]
         answer = httpx.post(url + "api/predict", files=[upload(a), upload(b)])
         assert answer.status_code == 200 and answer.json() == printed
+    assert cli.main(["predict", str(deployed.path), str(a), "--top-k", "2", "--json"]) == 0
+    printed = [row | {"path": a.name} for row in json.loads(capsys.readouterr().out)]
+    answer = httpx.post(run_url + "api/predict?top_k=2", files=[upload(a)])
+    assert answer.json() == printed and len(printed[0]["top"]) == 2
     assert httpx.get(onnx_url + "api/health").json() == {"status": "ok"}
     card = httpx.get(run_url + "api/model").json()
     assert card["backbone"] == "mobilenetv2_100" and card["classes"] == ["cats", "dogs"] and card["gradcam"]
@@ -125,6 +129,8 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_goes_on(de
         ("text in the files field", dict(files=[("files", (None, b"cat.jpg"))]), 400, "must hold files, not text"),
         ("empty request", dict(headers={"content-type": "multipart/form-data; boundary=x"}, content=b""), 400,
          "no images"),
+        ("top_k not a number", dict(files=[upload(photo)], params={"top_k": "all"}), 400,
+         "top_k must be a positive whole number, got 'all'"),
         ("not a form", dict(json={"files": ["cat.jpg"]}), 415, "send images as multipart/form-data"),
         ("path in the file name", dict(files=[upload(photo, "../../etc/passwd")]), 400, "odd file name"),
         ("control character in the file name", raw_upload(b"a\x07b.jpg", jpeg), 400, "odd file name 'a\\x07b.jpg'"),

@@ -4,7 +4,7 @@
     GET  /api/health    {"status": "ok"}
     GET  /api/model     the model card
     POST /api/predict   multipart field `files`, one or more images -> the rows `transferlab predict --json` prints,
-                        with `path` the uploaded file's name
+                        with `path` the uploaded file's name; `?top_k=K` as `--top-k K`
     POST /api/gradcam   multipart field `file`, one image -> PNG: the image as the model sees it, Grad-CAM over it
     GET  /report        the comparison report the run directory belongs to, when there is one
 
@@ -65,9 +65,9 @@ def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
     page = resources.files(__package__).joinpath("serve.html").read_text()
     app = FastAPI(title="transferlab", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def predict(paths: list[Path]) -> list[dict]:
+    def predict(paths: list[Path], top_k: int | None) -> list[dict]:
         with lock:
-            return model.predict(paths)
+            return model.predict(paths, top_k)
 
     def gradcam(paths: list[Path]) -> bytes:
         with lock:
@@ -99,7 +99,8 @@ def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
 
     @app.post("/api/predict")
     async def predict_files(request: Request) -> JSONResponse:
-        return JSONResponse(await _answer(request, "files", limits, predict, _rows))
+        top_k = _top_k(request.query_params.get("top_k"))
+        return JSONResponse(await _answer(request, "files", limits, lambda paths: predict(paths, top_k), _rows))
 
     @app.post("/api/gradcam")
     async def gradcam_file(request: Request) -> Response:
@@ -177,6 +178,15 @@ async def _answer(request: Request, field: str, limits: Limits, use: Callable[[l
     finally:
         for upload in uploads:
             await upload.close()
+
+
+def _top_k(value: str | None) -> int | None:
+    """The query's `top_k`, as `predict --top-k` takes it (default: predict's)."""
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise Refused(400, f"top_k must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _rows(names: list[str], rows: list[dict]) -> list[dict]:
