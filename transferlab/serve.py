@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from . import images, predictions
 from .exported import ExportedModel
-from .images import UploadLimits as Limits
+from .images import UploadLimits
 
 MB = 2**20
 
@@ -52,10 +52,10 @@ class Refused(Exception):
 
 
 class _TooLarge(Exception):
-    pass
+    """The request's body passed its limit as it arrived."""
 
 
-def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
+def create_app(source: str | Path, limits: UploadLimits = UploadLimits()) -> FastAPI:
     """The page and API over `source`: a run directory (PyTorch, with Grad-CAM) or an exported .onnx file."""
     model = predictions.load(source)
     report = None if isinstance(model, ExportedModel) else _report(model.path)
@@ -117,7 +117,8 @@ def create_app(source: str | Path, limits: Limits = Limits()) -> FastAPI:
     return app
 
 
-def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
+def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          limits: UploadLimits = UploadLimits()) -> None:
     """Serve until Ctrl-C."""
     app = create_app(source, limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -128,7 +129,8 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, limits:
 
 
 @contextlib.contextmanager
-def background(source: str | Path, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits()) -> Iterator[str]:
+def background(source: str | Path, host: str = "127.0.0.1", port: int = 0,
+               limits: UploadLimits = UploadLimits()) -> Iterator[str]:
     """Serve from a thread of this process (a notebook's, a test's) while the block runs; yields the page's URL.
     Port 0 picks a free one. The server is shut down on leaving the block, whatever happened in it."""
     server = uvicorn.Server(uvicorn.Config(create_app(source, limits), host=host, port=port, log_level="warning",
@@ -156,7 +158,7 @@ def _report(run_dir: Path | None) -> Path | None:
     return report if report.is_file() and (run_dir.parent / "comparison.json").is_file() else None
 
 
-async def _answer(request: Request, field: str, limits: Limits, use: Callable[[list[Path]], object],
+async def _answer(request: Request, field: str, limits: UploadLimits, use: Callable[[list[Path]], object],
                   check: Callable[[list[str], object], object] = lambda names, answer: answer):
     """`use` the images of the form's `field`, written to a temporary directory that is removed afterwards."""
     uploads = await _uploads(request, field, limits)
@@ -198,7 +200,7 @@ def _rows(names: list[str], rows: list[dict]) -> list[dict]:
     return rows
 
 
-async def _uploads(request: Request, field: str, limits: Limits) -> list[UploadFile]:
+async def _uploads(request: Request, field: str, limits: UploadLimits) -> list[UploadFile]:
     """The files in the multipart form's `field`, within `limits`; anything else is Refused."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise Refused(415, f"send images as multipart/form-data in the field '{field}'")
@@ -231,7 +233,7 @@ async def _uploads(request: Request, field: str, limits: Limits) -> list[UploadF
     return uploads
 
 
-def _check_upload(upload: UploadFile, limits: Limits) -> None:
+def _check_upload(upload: UploadFile, limits: UploadLimits) -> None:
     name = upload.filename
     if not name:
         raise Refused(400, "a file in the form has no name")
