@@ -146,10 +146,12 @@ class Images:
         kind = EncodedDataset if device.gpu_decode else ImageDataset
         self.dataset = kind(images, pre, augment, config.max_pixels, config.seed)
         self.device = device
+        batch_size = batch_size or device.inference_batch
+        workers = device.workers if len(images) > batch_size else 0  # one batch is not worth starting processes
         self.loader = DataLoader(
-            self.dataset, batch_size=batch_size or device.inference_batch, sampler=keys,
-            num_workers=device.workers, persistent_workers=device.workers > 0,
-            prefetch_factor=4 if device.workers else None, pin_memory=device.pin_memory,
+            self.dataset, batch_size=batch_size, sampler=keys,
+            num_workers=workers, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None, pin_memory=device.pin_memory,
             collate_fn=_as_list if device.gpu_decode else None,
             generator=torch.Generator().manual_seed(config.seed),  # its own: never shift the RNG dropout uses
         )
