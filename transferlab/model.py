@@ -67,11 +67,12 @@ class Classifier(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits; the head runs in fp32 even under autocast, so that they (and the probabilities printed from
-        them) are what the model says rather than bf16 roundings of it. It costs nothing: the head is tiny."""
+        """Logits; the head runs in its own dtype (fp32) even under autocast, so that they (and the
+        probabilities printed from them) are what the model says rather than bf16 roundings of it. It costs
+        nothing: the head is tiny."""
         features = self.features(x, start)
         with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.float())
+            return self.head(features.to(next(self.head.parameters()).dtype))
 
     def freeze(self, frozen: int, bn_frozen: bool = False) -> None:
         """Freeze blocks[:frozen]; everything after, and the head, trains."""
