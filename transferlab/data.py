@@ -79,13 +79,16 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a backbone wants its input: resize the short side to `resize`, centre-crop `size`, normalise."""
+    """How a backbone's weights want their input: resize the short side to `resize`, centre-crop `size`,
+    reorder the channels (RGB, or BGR for caffe-trained weights), then (x / 255 - mean) / std per channel in
+    that order."""
 
     size: int
     resize: int
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels: str = "RGB"  # run directories from before this field read back as RGB
 
 
 # ---------------------------------------------------------------- decoding

@@ -42,6 +42,7 @@ class Classifier(nn.Module):
         self.blocks, self.head = blocks, head
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
+        self.bgr = pre.channels == "BGR"  # not a buffer: rebuilt from the run's recorded preprocessing
         self.frozen = 0
         self.bn_frozen = False
         self.folding = contextlib.nullcontext()
@@ -54,7 +55,9 @@ class Classifier(nn.Module):
         return len(self.blocks)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        """RGB images in, what the weights were trained on out (caffe-trained weights: BGR, mean subtracted)."""
+        x = x.float()
+        return ((x.flip(1) if self.bgr else x) - self.mean) / self.std
 
     def features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run blocks[start:stop]; start=0 takes images."""

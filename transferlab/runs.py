@@ -163,7 +163,7 @@ class Run:
             history = list(csv.DictReader(io.StringIO((path / "history.csv").read_text())))
             split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
             run_metrics = json.loads((path / "metrics.json").read_text())
-            model = build_model(config, len(info["classes"]), load_weights=False).model
+            model = build_model(config, len(info["classes"]), _preprocessing(info)).model
             model.load_state_dict(state)
         except TransferlabError:
             raise
@@ -185,8 +185,7 @@ class Run:
 
     @property
     def preprocessing(self) -> data.Preprocessing:
-        return data.Preprocessing(**{**self.info["preprocessing"], "mean": tuple(self.info["preprocessing"]["mean"]),
-                                     "std": tuple(self.info["preprocessing"]["std"])})
+        return _preprocessing(self.info)
 
     def evaluate(self, folder: str | Path) -> dict:
         """Metrics on a labelled folder whose class names match the training classes."""
@@ -222,3 +221,9 @@ class Run:
                     row |= {"label": self.classes[order[0]], "probability": float(p[order[0]]),
                             "top": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
         return rows
+
+
+def _preprocessing(info: dict) -> data.Preprocessing:
+    """As recorded in config.json (runs from before `channels` existed read back as RGB)."""
+    pre = info["preprocessing"]
+    return data.Preprocessing(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})

@@ -112,20 +112,21 @@ class Built:
     pre: Preprocessing
     block_names: list[str]
     feature_shape: list[int]
-    weights_source: str
+    weights: dict  # where the weights came from, for config.json
 
 
-def build_model(config: TrainConfig, num_classes: int, load_weights: bool = True) -> Built:
-    """Backbone blocks + a fresh head, seeded (a random-init backbone too); weights loaded unless rebuilding."""
+def build_model(config: TrainConfig, num_classes: int, pre: Preprocessing | None = None) -> Built:
+    """Backbone blocks + a fresh head, seeded (a random-init backbone too). The weights are loaded and their
+    preprocessing used, unless a saved run rebuilds itself with its recorded `pre` (its tensors follow)."""
     torch.manual_seed(config.seed)
     backbone, timm_model = backbones.create(config.backbone, config.image_size)
-    pre = backbones.preprocessing(backbone.pretrained_cfg, config.image_size)
-    source = weights.load(timm_model, config.backbone, config.weights) if load_weights else config.weights
+    loaded = weights.Loaded(config.weights) if pre else weights.load(timm_model, config.backbone, config.weights)
+    pre = pre or backbones.preprocessing(backbone.pretrained_cfg | loaded.cfg, config.image_size)
     head = make_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
     model = Classifier(backbone.blocks, head, pre, config.fold_bn).to(device())
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Built(model, pre, backbone.block_names, backbone.feature_shape, source)
+    return Built(model, pre, backbone.block_names, backbone.feature_shape, loaded.record())
 
 
 # ---------------------------------------------------------------- feeds
@@ -234,7 +235,9 @@ class Features:
 
         progress = tqdm(batches, desc=f"caching block {block} features", total=-(-len(images) // n), leave=False,
                         disable=None)
-        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
+        about = {"backbone": self.config.backbone, "dataset": str(images.root), "block": block, "augment": augment,
+                 "view": view}
+        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks, about)
 
     def feed(self, splits: Splits, block: int) -> CachedFeed | None:
         """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""
@@ -263,7 +266,7 @@ class Features:
 def feature_store(config: TrainConfig) -> FeatureCache:
     """The cache that `config` asks for; share one between runs (as `compare` does) to share features in RAM."""
     directory = Path(config.cache_dir) if config.cache_dir else cache.default_dir()
-    return FeatureCache(directory, int(config.cache_ram_gb * 2**30))
+    return FeatureCache(directory, int(config.cache_ram_gb * 2**30), int(config.cache_max_gb * 2**30))
 
 
 def _stat(path) -> tuple[int, int]:
@@ -275,7 +278,7 @@ def _weights_identity(config: TrainConfig) -> str:
     """What decides the weights: their file's identity, or the seed for a random init."""
     if config.weights == "none":
         return f"none/seed={config.seed}"
-    path = weights.package_file(config.backbone) if config.weights == "imagenet" else config.weights
+    path = weights.imagenet_file(config.backbone) if config.weights == "imagenet" else config.weights
     return f"{config.weights}:{path}:{_stat(path) if path and os.path.exists(path) else ''}"
 
 
@@ -448,7 +451,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
         result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
         info = {
             "classes": splits.classes,
-            "backbone": {"name": config.backbone, "blocks": built.block_names, "weights": built.weights_source,
+            "backbone": {"name": config.backbone, "blocks": built.block_names, **built.weights,
                          "feature_shape": built.feature_shape},
             "preprocessing": asdict(built.pre),
             "stages": [asdict(s) for s in plan],
