@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import transferlab as tl
@@ -28,6 +29,14 @@ def make_folder(root: Path, classes=("cats", "dogs"), per_class: int = 12, size:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip cleanly where PyTorch sees no CUDA GPU (CI); `pytest -m gpu` runs just them."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "data")
@@ -44,12 +53,13 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 TINY = dict(backbone="mobilenetv2_100", weights="none", image_size=32, batch_size=8, epochs=2, workers=0,
-            bf16=False, channels_last=False)
+            amp="off", channels_last=False, device="cpu")
 
 
 @pytest.fixture
 def tiny() -> dict:
-    """Options for a fast run: random-init MobileNetV2 at 32 px, in-process decoding, fp32."""
+    """Options for a fast run: random-init MobileNetV2 at 32 px, in-process decoding, fp32, on the CPU whatever
+    the machine has, so that runs compare exactly (tests marked `gpu` cover CUDA)."""
     return dict(TINY)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import transferlab as tl
-from transferlab import cache, cli, data, training
+from transferlab import cache, cli, data, feeds
 from transferlab.cache import FeatureCache, clear, digest, entries
 
 
@@ -66,11 +66,16 @@ def test_a_changed_file_misses_the_cache(folder, tiny):
     assert tl.train(folder, strategy="feature-extraction", **tiny).info["cache"]["misses"] == 1  # train only
 
 
+def _count_decoding_passes(monkeypatch) -> list:
+    """One entry per pass over decoded images (a training epoch, a validation pass, a cache fill)."""
+    calls, original = [], feeds.Images.__iter__
+    monkeypatch.setattr(feeds.Images, "__iter__", lambda self: calls.append(self) or original(self))
+    return calls
+
+
 def test_two_stage_decodes_images_once(folder, tiny, monkeypatch):
     """Stage two's shallower features are computed first; stage one's come from them, not from images."""
-    calls = []
-    original = training.image_loader
-    monkeypatch.setattr(training, "image_loader", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    calls = _count_decoding_passes(monkeypatch)
     run = tl.train(folder, strategy="two-stage", unfreeze_blocks=3, **tiny)
     assert run.info["cache"]["misses"] == 4  # blocks 6 and 9, train and validation each
     assert len(calls) == 2
@@ -80,14 +85,12 @@ def test_augmented_views_are_reproducible_and_differ(folder, tiny):
     run = tl.train(folder, strategy="feature-extraction", augment="standard", cache_views=3, **tiny)
     assert run.info["cache"] | {"hits": 0} == {"used": True, "views": 3, "augment": "standard", "hits": 0, "misses": 4}
     images = data.scan(folder)
-    view = lambda v: data.ImageDataset(images, run.preprocessing, "standard", seed=0, view=v)[5][0]  # noqa: E731
+    view = lambda v: feeds.ImageDataset(images, run.preprocessing, "standard", seed=0)[5, v][0]  # noqa: E731
     assert torch.equal(view(1), view(1)) and not torch.equal(view(0), view(1))
 
 
 def test_with_nothing_frozen_unaugmented_images_are_decoded_once_with_the_same_result(folder, tiny, monkeypatch):
-    calls = []
-    original = training.image_loader
-    monkeypatch.setattr(training, "image_loader", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    calls = _count_decoding_passes(monkeypatch)
     options = tiny | {"strategy": "full", "epochs": 3, "patience": 0}
     once = tl.train(folder, **options)
     assert len(calls) == 2  # train and validation, for 3 epochs and the final evaluation

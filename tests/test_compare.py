@@ -17,7 +17,7 @@ import transferlab as tl
 from transferlab import cli
 from transferlab.compare import COLUMNS, training_order
 from transferlab.data import Preprocessing
-from transferlab.model import Classifier, make_head
+from transferlab.model import Classifier, create_head
 from transferlab.report import grad_cam, mcnemar
 
 from .conftest import TINY, make_folder
@@ -109,7 +109,7 @@ def test_multiclass_comparison_reports_micro_averaged_roc(tmp_path, tiny):
 def test_grad_cam_points_at_the_evidence_for_the_predicted_class(weight):
     """A dark image with a bright corner: the one-logit head calls it class 0 (weight 1) or class 1 (weight -1);
     either way its evidence is the darkness, so the map must be hot there and cold on the bright corner."""
-    head = make_head("gap", [3, 8, 8], 1, 0.0)
+    head = create_head("gap", [3, 8, 8], 1, 0.0)
     nn.init.constant_(head[-1].weight, weight)
     nn.init.zeros_(head[-1].bias)
     pre = Preprocessing(32, 32, "bilinear", (0.5,) * 3, (0.5,) * 3)
@@ -134,7 +134,7 @@ def test_mcnemar_exact_p_values():
 def test_cli_compare_prints_the_table_and_refuses_to_clobber(folder, tmp_path, capsys):
     argv = ["compare", "--data", str(folder), "--strategies", "feature-extraction,partial", "--backbone",
             "mobilenetv2_100", "--weights", "none", "--image-size", "32", "--epochs", "1", "--workers", "0",
-            "--no-bf16", "--out", str(tmp_path / "cmp")]
+            "--amp", "off", "--out", str(tmp_path / "cmp")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"^strategy\s+trainable", out, re.M) and "feature-extraction" in out and "report.html" in out

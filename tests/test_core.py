@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import transferlab as tl
-from transferlab import backbones, cli, data, weights
+from transferlab import backbones, cli, data, feeds, weights
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.strategies import stages
-from transferlab.training import build_model
+from transferlab.model import create_classifier
 
 from .conftest import SHARED, make_folder
 
@@ -49,7 +49,8 @@ def test_named_dataset_resolves_under_data_dir(tmp_path, monkeypatch):
     make_folder(tmp_path / "cats-vs-dogs" / "train", per_class=2)
     make_folder(tmp_path / "cats-vs-dogs" / "validation", per_class=2)
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path))
-    assert data.resolve("cats-vs-dogs") == (tmp_path / "cats-vs-dogs" / "train", tmp_path / "cats-vs-dogs" / "validation")
+    assert data.resolve("cats-vs-dogs") == data.Layout(tmp_path / "cats-vs-dogs" / "train",
+                                                       tmp_path / "cats-vs-dogs" / "validation")
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path / "elsewhere"))
     with pytest.raises(TransferlabError, match="transferlab data download cats-vs-dogs"):
         data.resolve("cats-vs-dogs")
@@ -71,8 +72,8 @@ EXPECTED_BLOCKS = {"vgg16": 5, "vgg19": 5, "resnet50": 5, "mobilenetv2_100": 9, 
 
 @pytest.mark.parametrize("name", backbones.LISTED)
 def test_every_listed_backbone_is_an_ordered_list_of_blocks(name):
-    config = TrainConfig(data=".", backbone=name, weights="none", image_size=64, bf16=False, channels_last=False)
-    model = build_model(config, num_classes=3).model.eval()
+    config = TrainConfig(data=".", backbone=name, weights="none", image_size=64)
+    model = create_classifier(config, num_classes=3, fold_bn=True).model.eval()
     assert model.num_blocks == EXPECTED_BLOCKS[name]
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
@@ -146,8 +147,8 @@ def _bn_stats(module):
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_frozen_blocks_get_no_gradient_and_keep_batchnorm_statistics(train_bn):
     config = TrainConfig(data=".", backbone="mobilenetv2_100", weights="none", image_size=32,
-                         bf16=False, channels_last=False, train_bn=train_bn)
-    model = build_model(config, 2).model
+                         train_bn=train_bn)
+    model = create_classifier(config, 2, fold_bn=True).model
     model.freeze(7, bn_frozen=config.bn_frozen)
     model.train()
     frozen_before, trained_before = _bn_stats(model.blocks[:7]), _bn_stats(model.blocks[7:])
@@ -242,18 +243,18 @@ def test_cli_train_evaluate_predict(folder, tmp_path, capsys):
 def test_cli_errors_are_one_line(argv, message, folder, capsys):
     code = cli.main([a.format(folder=folder) for a in argv])
     err = capsys.readouterr().err
-    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the shared cats-vs-dogs photos are not beside the checkout")
 def test_offline_imagenet_weights_and_preprocessing_recognise_real_photos():
     """End to end through our weight mapping, blocks, preprocessing and in-model normalisation: the shipped
     ImageNet classifier on our pooled features names real cats and dogs (ImageNet classes 281-285, 151-268)."""
-    built = build_model(TrainConfig(data=".", bf16=False, channels_last=False), 2)
+    built = create_classifier(TrainConfig(data="."), 2, fold_bn=True)
     shipped = weights.read_state_dict(weights.package_file("tf_efficientnet_lite0"))
     files = [p for c in ("cats", "dogs") for p in sorted((SHARED / "validation" / c).glob("*.jpg"))[:15]]
     images = data.ImageSet(SHARED, ["cats", "dogs"], files, [0] * 15 + [1] * 15)
-    x = torch.stack([data.ImageDataset(images, built.pre)[i][0] for i in range(len(files))])
+    x = torch.stack([feeds.ImageDataset(images, built.pre)[i][0] for i in range(len(files))])
     with torch.no_grad():
         top = (built.model.eval().features(x).mean((2, 3)) @ shipped["_fc.weight"].T + shipped["_fc.bias"]).argmax(1)
     named = [0 if 281 <= c <= 285 else 1 if 151 <= c <= 268 else -1 for c in top.tolist()]
@@ -267,6 +268,6 @@ def test_download_unpacks_a_named_dataset_into_the_data_dir(tmp_path, monkeypatc
     monkeypatch.setattr(data.urllib.request, "urlretrieve", lambda url, to: shutil.copy(archive, to))
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path / "datasets"))
     assert data.download("cats-vs-dogs") == tmp_path / "datasets" / "cats-vs-dogs"
-    assert data.resolve("cats-vs-dogs")[1] == tmp_path / "datasets" / "cats-vs-dogs" / "validation"
+    assert data.resolve("cats-vs-dogs").val == tmp_path / "datasets" / "cats-vs-dogs" / "validation"
     assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["cats-vs-dogs"]
     assert data.scan(tmp_path / "datasets" / "cats-vs-dogs" / "train").counts() == {"cats": 2, "dogs": 2}

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferlab import precision
+from transferlab import devices
 from transferlab.config import TrainConfig
-from transferlab.model import Classifier, FoldedBatchNorm
-from transferlab.training import build_model
+from transferlab.model import Classifier, FoldedBatchNorm, create_classifier
+
+# the CPU's bf16 autocast with its fp32 depthwise gradients, as `devices` sets it up where bf16 is fast
+CPU_BF16 = replace(devices.resolve(TrainConfig(data=".", device="cpu")), amp="bf16", fp32_depthwise_grads=True)
 
 
 class Depthwise(nn.Module):
@@ -53,7 +55,7 @@ def test_depthwise_gradients_match_plain_autocast_and_fp32(channels_last):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     reference = _gradients(model, x, torch.autocast("cpu", dtype=torch.bfloat16))
     fp32 = _gradients(model, x, torch.autocast("cpu", enabled=False))
-    ours = _gradients(model, x, precision.autocast(True))
+    ours = _gradients(model, x, CPU_BF16.autocast())
     for name in reference:
         scale = fp32[name].abs().max()
         assert (ours[name] - fp32[name]).abs().max() <= 0.03 * scale, name
@@ -62,7 +64,7 @@ def test_depthwise_gradients_match_plain_autocast_and_fp32(channels_last):
 
 def test_only_depthwise_convolutions_that_need_gradients_are_rerouted():
     model, x = Depthwise(), torch.randn(1, 3, 16, 16)
-    with precision.autocast(True):
+    with CPU_BF16.autocast():
         assert type(model.strided(model.stem(x)).grad_fn).__name__ == "DepthwiseConvBackward"
         assert type(model.stem(x).grad_fn).__name__ != "DepthwiseConvBackward"  # dense: untouched
         with torch.no_grad():
@@ -83,9 +85,8 @@ def _randomise_batchnorm(module: nn.Module) -> None:
 
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet50", "mobilenetv2_100"])
 def test_folded_batchnorm_gives_the_unfolded_outputs_and_gradients(backbone):
-    config = TrainConfig(data=".", backbone=backbone, weights="none", image_size=64, bf16=False,
-                         channels_last=False, dropout=0.0)
-    folded, plain = build_model(config, 2).model, build_model(replace(config, fold_bn=False), 2).model
+    config = TrainConfig(data=".", backbone=backbone, weights="none", image_size=64, dropout=0.0)
+    folded, plain = (create_classifier(config, 2, fold_bn).model for fold_bn in (True, False))
     norms = [m for m in folded.blocks.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(folded.folding.bn_of) == len(norms)  # every BatchNorm of these follows a convolution
     assert not isinstance(plain.folding, FoldedBatchNorm)

@@ -38,11 +38,13 @@ def flags(options: dict) -> list[str]:
 
 
 def error_line(capsys) -> str:
-    """The single line a failed command printed: no traceback, nothing else on stderr."""
+    """The one error line a failed command printed, last on stderr: no traceback, and nothing before it but
+    the notes of the work done until the mistake showed (e.g. `scanning 6 files in DIR`)."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("transferlab: error: ") and "Traceback" not in err, err
-    return lines[0]
+    *notes, last = err.strip().splitlines()
+    assert last.startswith("transferlab: error: ") and "Traceback" not in err, err
+    assert not any(line.startswith("transferlab:") for line in notes), err
+    return last
 
 
 def relative(paths, root: Path) -> set[str]:

@@ -23,7 +23,8 @@ import transferlab as tl
 from transferlab import backbones, cli, keras_h5, weights
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
-from transferlab.training import build_model, load_splits
+from transferlab.model import create_classifier
+from transferlab.splits import load_splits
 
 VGG_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_BLOCKS, VGG19_BLOCKS = (2, 2, 3, 3, 3), (2, 2, 4, 4, 4)
@@ -214,8 +215,8 @@ def test_imagenet_weights_come_from_the_caches_in_order(tmp_path, capsys):
                                                                             ("Keras cache", keras)]
     assert weights.source("mobilenetv2_100").path == tv
     assert "pads its stride-2" in weights.found("mobilenetv2_100")[1].unusable
-    config = TrainConfig(data=".", backbone="mobilenetv2_100", image_size=32, bf16=False, channels_last=False)
-    assert build_model(config, 2).pre.interpolation == "bilinear"  # torchvision's evaluation, not timm's bicubic
+    config = TrainConfig(data=".", backbone="mobilenetv2_100", image_size=32)
+    assert create_classifier(config, 2, fold_bn=True).pre.interpolation == "bilinear"  # torchvision's evaluation, not timm's bicubic
 
     _, theirs = backbones.create("mobilenetv2_100", 32)
     state = randomised(theirs, seed=3)
@@ -224,7 +225,7 @@ def test_imagenet_weights_come_from_the_caches_in_order(tmp_path, capsys):
     _, model = backbones.create("mobilenetv2_100", 32)
     loaded = weights.load(model, "mobilenetv2_100", "imagenet")
     assert loaded.file == hub and loaded.cfg == {} and torch.equal(model.bn1.running_var, state["bn1.running_var"])
-    assert build_model(config, 2).pre.interpolation == "bicubic"
+    assert create_classifier(config, 2, fold_bn=True).pre.interpolation == "bicubic"
 
     assert cli.main(["weights"]) == 0
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ its `forward_features`; that is checked on every build, so a wrong cut can never
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -97,8 +98,10 @@ def _timm_model(name: str) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False)
     except RuntimeError:
+        guess = difflib.get_close_matches(name, [*LISTED, *timm.list_models()], 1, cutoff=0.7)
         raise TransferlabError(
-            f"unknown backbone {name!r}; try one of {', '.join(LISTED)} or any timm model name"
+            f"unknown backbone {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else "")
+            + f" (listed: {', '.join(LISTED)}; any timm model name works)"
         ) from None
 
 
@@ -117,13 +120,22 @@ def preprocessing(cfg: dict, image_size: int | None = None) -> Preprocessing:
     )
 
 
+def _cut_on_meta(name: str) -> list[tuple[str, nn.Module]]:
+    """The blocks of a model built on the meta device: no memory, no time, no weights."""
+    with torch.device("meta"):
+        return _cut(_timm_model(name))
+
+
+def block_names(name: str) -> list[str]:
+    """The backbone's block names, cheaply: what a run checks before it scans any image."""
+    return [n for n, _ in _cut_on_meta(name)]
+
+
 def describe(name: str) -> dict:
-    """A row of `transferlab backbones`: built on the meta device, so listing costs no memory or time."""
+    """A row of `transferlab backbones`."""
     from . import weights
 
-    with torch.device("meta"):
-        model = _timm_model(name)
-    cut = _cut(model)
+    cut = _cut_on_meta(name)
     return {
         "name": name,
         "blocks": [n for n, _ in cut],

@@ -27,15 +27,23 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_dir() -> Path:
     return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab" / "features"))
+
+
+def scan_record(root: Path, directory: Path | None = None) -> Path:
+    """Where `data.scan` keeps its verdicts on a folder's files, so that the next command skips decoding them."""
+    return (directory or default_dir()) / "scans" / f"{digest({'root': str(Path(root).resolve())})}.json"
 
 
 def digest(key: dict) -> str:
@@ -87,7 +95,7 @@ class FeatureCache:
         with contextlib.ExitStack() as writing:
             array, tmp, pos = None, None, 0
             for x, _ in batches:
-                out = fn(x).to(torch.float16).numpy()
+                out = fn(x).half().numpy()
                 if array is None:
                     shape = (count, *out.shape[1:])
                     if int(np.prod(shape)) * 2 > self.ram_bytes and self.directory is not None:

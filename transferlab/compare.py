@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from . import backbones, metrics
+from . import backbones, devices, metrics
 from .config import TrainConfig
 from .data import Preprocessing
 from .errors import TransferlabError
-from .memory import reuse_freed_memory
+from .feeds import feature_store
+from .progress import note
 from .runs import Run, check_writable, to_csv, write_atomic
+from .splits import Splits, load_splits
 from .strategies import STRATEGIES, stages
-from .training import Splits, feature_store, load_splits, train
+from .training import train
 
 # (key, header, format): the flat columns, in the order of the CSV, the terminal table and the reports
 COLUMNS = [
@@ -73,33 +74,26 @@ class Comparison:
         return max(self.rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
 
 
-def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: str | Path | None = None,
-            overwrite: bool = False, **options) -> Comparison:
-    """Train each strategy on `data` and write the comparison and its report to `out`; options are
-    TrainConfig fields (except strategy)."""
-    config = TrainConfig(data=str(data), **options)
-    reuse_freed_memory()
-    return run_comparison(config, strategies, out, None if test is None else str(test), overwrite)
-
-
-def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Path, test: str | None = None,
+def run_comparison(config: TrainConfig, strategies: str | Sequence[str], out: str | Path, test: str | None = None,
                    overwrite: bool = False) -> Comparison:
-    from . import report  # matplotlib is only needed once everything has trained
-
+    """Train each strategy on the same data and write their runs and comparison.json/csv to `out` (the report
+    is `report.write`'s)."""
     out = Path(out)
     configs = _configs(config, strategies)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TransferlabError(f"{out} already exists; pass --overwrite to replace it")
     for name in configs:  # fail now, not after an hour of training
         check_writable(out / name, overwrite)
+    device = devices.resolve(config)
+    order = training_order(configs)  # a wrong backbone name fails here, before any image is scanned
     splits = load_splits(config, test)
     store = feature_store(config)
     runs, val_probs, entries = {}, {}, []
-    for i, name in enumerate(training_order(configs), 1):
+    for i, name in enumerate(order, 1):
         cfg = configs[name]
-        tqdm.write(f"== {name} ({i}/{len(configs)}) ==")
+        note(f"== {name} ({i}/{len(configs)}) ==")
         misses = store.misses
-        runs[name] = run = train(cfg, out / name, splits=splits, store=store, overwrite=overwrite)
+        runs[name] = run = train(cfg, out / name, splits=splits, store=store, overwrite=overwrite, device=device)
         val_probs[name] = run.val_probabilities  # what its metrics came from; no second pass
         test_probs = run.probabilities(splits.test) if splits.test else None
         entries.append(_entry(name, run, splits, val_probs[name], test_probs) | {
@@ -107,11 +101,12 @@ def run_comparison(config: TrainConfig, strategies: Sequence[str], out: str | Pa
     entries.sort(key=lambda row: list(configs).index(row["strategy"]))  # rows in the order asked for
     comparison = Comparison(config, splits, {name: runs[name] for name in configs}, val_probs, entries, out)
     _write(comparison)
-    report.write(comparison)
     return comparison
 
 
-def _configs(config: TrainConfig, strategies: Sequence[str]) -> dict[str, TrainConfig]:
+def _configs(config: TrainConfig, strategies: str | Sequence[str]) -> dict[str, TrainConfig]:
+    if isinstance(strategies, str):  # "partial,full" or one name, never its characters
+        strategies = [s.strip() for s in strategies.split(",")]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise TransferlabError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -125,7 +120,7 @@ def training_order(configs: dict[str, TrainConfig]) -> list[str]:
     their cached features instead of from the images: feature extraction after partial fine-tuning runs one
     block per image, not the whole backbone. Strategies with nothing frozen (full, scratch) train last."""
     config = next(iter(configs.values()))
-    n = len(backbones.describe(config.backbone)["blocks"])
+    n = len(backbones.block_names(config.backbone))
 
     def shallowest_prefix(cfg: TrainConfig) -> int:
         plan = stages(cfg.strategy, n, cfg.unfreeze_blocks, cfg.epochs, cfg.head_epochs)

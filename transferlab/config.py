@@ -1,18 +1,32 @@
-"""The one dataclass that describes a training run; saved as config.json in every run directory."""
+"""The one dataclass that describes a training run; saved as config.json in every run directory.
+
+Light on purpose: reading a config imports neither torch nor the image stack, so the constants that other
+modules check against live here.
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from .data import AUGMENTATIONS, DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
-from .model import HEADS
 from .strategies import STRATEGIES
+
+HEADS = ("gap", "flatten")
+AUGMENTATIONS = ("none", "light", "standard")
+PRECISIONS = ("bf16", "fp16", "off")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
 class TrainConfig:
+    """What to train and how. Speed switches left at None are decided by the device (`devices.resolve`): they
+    change how fast a run is, never what it computes beyond floating-point rounding."""
+
     data: str
     val: str | None = None
     val_split: float = 0.2
@@ -38,9 +52,11 @@ class TrainConfig:
     cache_dir: str | None = None  # None = $TRANSFERLAB_CACHE or ~/.cache/transferlab/features
     cache_ram_gb: float = 4.0
     cache_max_gb: float = 20.0  # the cache directory's size cap, kept by removing least recently used entries
-    bf16: bool = True
-    channels_last: bool = True
-    fold_bn: bool = True
+    device: str = "auto"
+    amp: str | None = None  # autocast dtype: bf16, fp16 or off; None = the device's fastest
+    channels_last: bool | None = None
+    fold_bn: bool | None = None
+    gpu_decode: bool | None = None  # decode JPEGs on the GPU (nvjpeg); CUDA only
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -62,6 +78,9 @@ class TrainConfig:
             (self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "--unfreeze-blocks must be positive or 'all'"),
             (all(x is None or x > 0 for x in (self.lr, self.backbone_lr)), "learning rates must be positive"),
             (self.lr_decay > 0, "--lr-decay must be positive"),
+            (DEVICE.fullmatch(self.device) is not None,
+             f"--device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}"),
+            (self.amp is None or self.amp in PRECISIONS, f"--amp must be one of {', '.join(PRECISIONS)}"),
             (self.workers is None or self.workers >= 0, "--workers must be 0 (decode in this process) or more"),
             (self.max_pixels >= 1, "--max-pixels must be a positive number"),
         ]
@@ -70,6 +89,17 @@ class TrainConfig:
                 raise TransferlabError(message)
         if self.strategy == "scratch":
             self.weights = "none"
+
+    @classmethod
+    def from_options(cls, data: str | Path, **options) -> TrainConfig:
+        """A config from the Python API's keyword options; a misspelled one is named with what it may mean."""
+        known = [f.name for f in fields(cls) if f.name != "data"]
+        for name in options:
+            if name not in known:
+                guess = difflib.get_close_matches(name, known, 1)
+                raise TransferlabError(f"unknown option {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else "")
+                                       + f" (options: {', '.join(known)})")
+        return cls(data=str(data), **options)
 
     @property
     def bn_frozen(self) -> bool:

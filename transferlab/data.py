@@ -1,4 +1,4 @@
-"""Image folders: find images, decode them safely, skip bad files with a reason, split, transform.
+"""Image folders: find images, decode them safely, skip bad files with a reason, split.
 
 Nothing here writes to the user's folder: files are only ever opened for reading.
 """
@@ -6,6 +6,7 @@ Nothing here writes to the user's folder: files are only ever opened for reading
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import urllib.request
@@ -16,17 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
-from torchvision.transforms import v2
 
+from .config import DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
+from .progress import note
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
-AUGMENTATIONS = ("none", "light", "standard")
 NAMED_DATASETS = {
     "cats-vs-dogs": "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip",
 }
@@ -172,12 +170,13 @@ def _map(fn, items: list, workers: int) -> list:
 
 
 def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-         workers: int | None = None) -> ImageSet:
+         workers: int | None = None, record: Path | None = None) -> ImageSet:
     """Find and validate every image under `root/<class>/**`.
 
     Classes are the sorted sub-folder names (or `classes`, to make a validation folder match training).
-    Each file is fully decoded once, so a broken file is skipped here with its reason rather than failing
-    a training run halfway.
+    Each file is fully decoded once, in parallel, so a broken file is skipped here with its reason rather than
+    failing a training run halfway. With `record` (a JSON file), the verdicts are kept by file identity
+    (path, size, mtime) and a later scan of the same folder decodes only new or changed files.
     """
     root = Path(os.path.abspath(root))  # absolute and normalised: runs stay usable from any directory
     if not root.is_dir():
@@ -197,16 +196,52 @@ def scan(root: str | Path, classes: list[str] | None = None, max_pixels: int = D
         for dirpath, dirnames, filenames in os.walk(folder) if folder.is_dir() else []:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             candidates += [(Path(dirpath) / f, label) for f in sorted(filenames) if is_candidate(Path(f))]
-    results = _map(_check, [(p, max_pixels) for p, _ in candidates], workers or os.cpu_count() or 1)
+    known = _read_record(record, max_pixels)
+    identities = [_identity(p) for p, _ in candidates]
+    todo = [k for k, (p, _) in enumerate(candidates) if known.get(str(p), [None])[:2] != identities[k]]
+    note(f"scanning {len(candidates):,} files in {root}" + (f" ({len(candidates) - len(todo):,} known from an "
+                                                             "earlier scan)" if len(todo) < len(candidates) else ""))
+    checked = dict(zip(todo, _map(_check, [(candidates[k][0], max_pixels) for k in todo],
+                                  workers or os.cpu_count() or 1)))
     images = ImageSet(root, list(classes), [], [])
-    for (path, label), (reason, digest) in zip(candidates, results):
+    verdicts = {}
+    for k, (path, label) in enumerate(candidates):
+        reason, digest = checked[k] if k in checked else known[str(path)][2:]
+        verdicts[str(path)] = [*identities[k], reason, digest]
         if reason:
             images.skipped.append(Skipped(str(path.relative_to(root)), reason))
         else:
             images.files.append(path)
             images.labels.append(label)
             images.digests.append(digest)
+    if record is not None and todo:
+        _write_record(record, max_pixels, verdicts)
     return images
+
+
+def _identity(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_record(record: Path | None, max_pixels: int) -> dict[str, list]:
+    """path -> [size, mtime_ns, reason, digest] from an earlier scan with the same limit; {} if none."""
+    try:
+        saved = json.loads(record.read_text()) if record else {}
+    except (OSError, ValueError):
+        return {}
+    return saved.get("files", {}) if saved.get("max_pixels") == max_pixels else {}
+
+
+def _write_record(record: Path, max_pixels: int, verdicts: dict[str, list]) -> None:
+    """Best effort and atomic: a scan record only saves time, so failing to write one is no error."""
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"max_pixels": max_pixels, "files": verdicts}))
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def require_trainable(images: ImageSet, what: str = "training data") -> None:
@@ -217,8 +252,8 @@ def require_trainable(images: ImageSet, what: str = "training data") -> None:
 
 def split(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Stratified, seeded train/validation split."""
-    if not 0 < fraction < 1:
-        raise TransferlabError(f"--val-split must be between 0 and 1, got {fraction}")
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(images))
     try:
         train_idx, val_idx = train_test_split(
@@ -249,84 +284,66 @@ def data_dir() -> Path:
     return Path(os.environ.get("TRANSFERLAB_DATA", Path.home() / ".cache" / "transferlab" / "data"))
 
 
-def resolve(data: str) -> tuple[Path, Path | None]:
-    """A folder as given, or a dataset name -> (train folder, validation folder or None)."""
-    if data in NAMED_DATASETS and not Path(data).exists():
-        base = data_dir() / data
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset's images are: `train`, and its `val` and `test` folders when it has them."""
+
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+
+    @property
+    def splits(self) -> dict[str, Path]:
+        return {name: path for name, path in (("train", self.train), ("validation", self.val), ("test", self.test))
+                if path is not None}
+
+
+VALIDATION_NAMES = ("validation", "val", "valid")
+
+
+def split_layout(root: Path) -> Layout | None:
+    """A dataset root holding `train/` and `validation/` (or `val/`, `valid/`), perhaps `test/`: its splits;
+    None for a plain folder of class sub-folders."""
+    val = next((root / name for name in VALIDATION_NAMES if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or val is None:
+        return None
+    return Layout(root / "train", val, root / "test" if (root / "test").is_dir() else None)
+
+
+def resolve(data: str | Path) -> Layout:
+    """A folder of class sub-folders, a dataset root with split folders, or a dataset name -> its layout."""
+    if str(data) in NAMED_DATASETS and not Path(data).exists():
+        base = data_dir() / str(data)
         if not (base / "train").is_dir():
             raise TransferlabError(
                 f"dataset {data!r} is not in {data_dir()}: run `transferlab data download {data}` "
                 "or set TRANSFERLAB_DATA to the folder that holds it"
             )
-        return base / "train", (base / "validation") if (base / "validation").is_dir() else None
-    return Path(data), None
+        return split_layout(base) or Layout(base / "train")
+    return split_layout(Path(data)) or Layout(Path(data))
 
 
 def download(name: str) -> Path:
-    """Fetch a named dataset into the data dir (needs the network)."""
+    """Fetch a named dataset into the data dir (needs the network). Nothing is left behind if it fails."""
+    import tempfile
+
     if name not in NAMED_DATASETS:
         raise TransferlabError(f"unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)}")
     target = data_dir() / name
     if (target / "train").is_dir():
         return target
     url = NAMED_DATASETS[name]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    archive = target.parent / (name + ".download")
-    try:
-        urllib.request.urlretrieve(url, archive)
-    except OSError as e:
-        raise TransferlabError(
-            f"could not download {name} from {url} ({e.__class__.__name__}): connect to the internet, "
-            f"or put the images in {target}/{{train,validation}}/<class>/"
-        ) from None
-    tmp = target.parent / (name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as z:  # extractall keeps every member inside `tmp`
-        z.extractall(tmp)
-    next(p for p in tmp.rglob("train") if p.is_dir()).parent.rename(target)
-    shutil.rmtree(tmp)
-    archive.unlink()
+    with tempfile.TemporaryDirectory(prefix="transferlab-download-") as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except OSError as e:
+            raise TransferlabError(
+                f"could not download {name} from {url} ({e.__class__.__name__}): connect to the internet, "
+                f"or put the images in {target}/{{train,validation}}/<class>/"
+            ) from None
+        with zipfile.ZipFile(archive) as z:  # extractall keeps every member inside `tmp`
+            z.extractall(Path(tmp) / "unpacked")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(next(p for p in (Path(tmp) / "unpacked").rglob("train") if p.is_dir()).parent, target)
     return target
-
-
-# ---------------------------------------------------------------- tensors
-
-
-def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
-    """PIL image -> uint8 CHW tensor at the backbone's size; augmentation (training only) after the crop.
-
-    Normalisation is not here: the model owns its mean/std, so batches travel between processes as
-    uint8 (4x less to copy) and an exported model cannot be fed wrongly normalised images.
-    """
-    if augment not in AUGMENTATIONS:
-        raise TransferlabError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-    interpolation = v2.InterpolationMode(pre.interpolation)
-    steps = [v2.PILToTensor(), v2.Resize(pre.resize, interpolation, antialias=True), v2.CenterCrop(pre.size)]
-    if augment in ("light", "standard"):
-        steps.append(v2.RandomHorizontalFlip())
-    if augment == "standard":  # what the Keras notebooks use: rotation 20 deg, zoom 10%, contrast 10%
-        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1)),  # bilinear: tensors have no bicubic affine
-                  v2.ColorJitter(contrast=0.1)]
-    return v2.Compose(steps)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 image tensor, label) pairs; with `view` set, augmentation is seeded by (seed, view, index)
-    so that cached augmented views are reproducible."""
-
-    def __init__(self, images: ImageSet, pre: Preprocessing, augment: str = "none",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int | None = None, view: int = 0):
-        self.images, self.pre, self.max_pixels = images, pre, max_pixels
-        self.transform = transforms(pre, augment)
-        self.seed, self.view = seed, view
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        im = load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
-        if self.seed is None:
-            return self.transform(im), self.images.labels[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.view, i)) & 0x7FFFFFFF)
-            return self.transform(im), self.images.labels[i]

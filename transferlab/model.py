@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,13 +11,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import backbones, weights
+from .config import TrainConfig
 from .data import Preprocessing
 from .precision import conv_args
 
-HEADS = ("gap", "flatten")
 
-
-def make_head(kind: str, feature_shape: torch.Size, outputs: int, dropout: float) -> nn.Sequential:
+def create_head(kind: str, feature_shape: torch.Size, outputs: int, dropout: float) -> nn.Sequential:
     """`gap`: pool, dropout, linear (timm's default). `flatten`: the VGG16 notebooks' dense-256 head."""
     channels, height, width = feature_shape
     if kind == "gap":
@@ -69,7 +70,11 @@ class Classifier(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.head(self.features(x, start))
+        """Logits; the head runs in fp32 even under autocast, so that they (and the probabilities printed from
+        them) are what the model says rather than bf16 roundings of it. It costs nothing: the head is tiny."""
+        features = self.features(x, start)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.float())
 
     def freeze(self, frozen: int, bn_frozen: bool = False) -> None:
         """Freeze blocks[:frozen]; everything after, and the head, trains."""
@@ -92,6 +97,29 @@ class Classifier(nn.Module):
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+@dataclass
+class Built:
+    model: Classifier
+    pre: Preprocessing
+    block_names: list[str]
+    feature_shape: list[int]
+    weights: dict  # where the weights came from, for config.json
+
+
+def create_classifier(config: TrainConfig, num_classes: int, fold_bn: bool, pre: Preprocessing | None = None
+                      ) -> Built:
+    """Backbone blocks + a fresh head on the CPU, seeded (a random-init backbone too). The weights are loaded and
+    their preprocessing used, unless a saved run rebuilds itself with its recorded `pre` (its tensors follow).
+    The caller puts it on its device."""
+    torch.manual_seed(config.seed)
+    backbone, timm_model = backbones.create(config.backbone, config.image_size)
+    loaded = weights.Loaded(config.weights) if pre else weights.load(timm_model, config.backbone, config.weights)
+    pre = pre or backbones.preprocessing(backbone.pretrained_cfg | loaded.cfg, config.image_size)
+    head = create_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
+    model = Classifier(backbone.blocks, head, pre, fold_bn)
+    return Built(model, pre, backbone.block_names, backbone.feature_shape, loaded.record())
 
 
 class FoldedBatchNorm(TorchFunctionMode):

@@ -1,4 +1,4 @@
-"""Mixed precision: bf16 autocast, plus fp32 for the few depthwise-convolution gradients that bf16 makes slow.
+"""CPU bf16 autocast's one weak spot: the few depthwise-convolution gradients that oneDNN's bf16 kernels make slow.
 
 On CPUs with AVX-512 BF16, oneDNN's bf16 kernels make a forward pass about 3x faster than fp32, but two of
 its bf16 depthwise-convolution backward kernels are slower than fp32 by far. Measured on these machines
@@ -7,27 +7,14 @@ its bf16 depthwise-convolution backward kernels are slower than fp32 by far. Mea
 1152 channels at 7x7: 24 vs 5. MobileNet and EfficientNet are made of such convolutions: a profile of a full
 fine-tuning step of tf_efficientnet_lite0 put 63% of it in convolution backward passes, mostly these. Those
 two gradients are computed in fp32, everything else stays bf16, and the step runs 1.3-1.6x faster
-(`benchmarks/speed.py`, over its runs).
+(`benchmarks/speed.py`, over its runs). `devices.Device.autocast` adds this where the CPU runs bf16.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-
-
-def autocast(enabled: bool, device: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast where `enabled`; on the CPU, depthwise convolutions get their fp32 gradients too."""
-    if not enabled:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
-    if device == "cpu":
-        stack.enter_context(DepthwiseGradients())
-    return stack
 
 
 def conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

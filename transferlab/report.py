@@ -25,11 +25,12 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from sklearn import metrics as skm
 
 from .compare import Comparison, table
-from .data import ImageDataset, ImageSet
+from .data import ImageSet
+from .feeds import ImageDataset
 from .model import Classifier
 from .runs import write_atomic
 from .strategies import STRATEGIES
-from .training import probabilities
+from .predict import probabilities
 
 COLORS = dict(zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 MARKERS = dict(zip(STRATEGIES, "osD^v"))

@@ -1,18 +1,14 @@
-"""Training: build the model, feed each stage from images or from cached frozen-prefix features, fit.
+"""The fit loop: stages of epochs with early stopping, best-epoch restore and checkpoints, and a whole run around
+it (prepare, train each stage, evaluate, record).
 
-The fit loop knows nothing about caching: a stage gets a *feed* whose batches enter the model at block
-`start` (0 for images). With the cache on, `start` is the first trainable block, so frozen blocks run once
-per image (per augmented view) for the whole run instead of once per image per epoch; with nothing frozen and
-no augmentation, the images themselves are decoded once.
+The loop knows nothing about devices, decoding or caching: it is given a `devices.Device` for autocast and
+loss scaling, and a `feeds.Feed` whose batches are already on that device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -23,24 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from . import backbones, cache, data, metrics, precision, weights
+from . import backbones, devices, metrics
 from .cache import FeatureCache
 from .config import TrainConfig
-from .data import ImageSet, Preprocessing
+from .devices import Device
 from .errors import TransferlabError
-from .model import Classifier, make_head
+from .feeds import Feed, Features, ImageFeed, feature_store
+from .model import Classifier, create_classifier
+from .predict import probabilities
+from .progress import bar, note
 from .runs import Run, check_writable, checkpoint_path, read_checkpoint, write_checkpoint
+from .splits import Splits, load_splits
 from .strategies import Stage, param_groups, stages
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return precision.autocast(enabled, device().type)
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,264 +42,39 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """[N, classes] probabilities whether the head has one logit (binary) or one per class."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], 1)
-    return logits.softmax(1)
+def run_epoch(model: Classifier, batches: Iterable, start: int, device: Device,
+              optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+              desc: str = "", on_first_batch: Callable[[], None] | None = None
+              ) -> tuple[float, float, torch.Tensor]:
+    """One pass: trains when given an optimizer; returns (mean loss, accuracy, probabilities on the CPU).
 
-
-# ---------------------------------------------------------------- data & model
-
-
-@dataclass
-class Splits:
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet | None = None
-    duplicates: list[dict] = field(default_factory=list)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train.classes
-
-    def summary(self) -> dict:
-        named = {"train": self.train, "val": self.val} | ({"test": self.test} if self.test else {})
-        return {
-            "classes": self.classes,
-            "counts": {k: v.counts() for k, v in named.items()},
-            "skipped": [
-                {"split": k, "path": s.path, "reason": s.reason} for k, v in named.items() for s in v.skipped
-            ],
-            "duplicates": self.duplicates,
-        }
-
-
-def load_splits(config: TrainConfig, test: str | None = None) -> Splits:
-    """Scan and validate the folders, split off validation if needed, and look for cross-split duplicates."""
-    train_dir, named_val = data.resolve(config.data)
-    images = data.scan(train_dir, max_pixels=config.max_pixels, workers=config.workers)
-    val_dir = config.val or (named_val and str(named_val))
-    if val_dir:
-        train_set = images
-        val_set = data.scan(val_dir, classes=images.classes, max_pixels=config.max_pixels, workers=config.workers)
-    else:
-        data.require_trainable(images)
-        train_set, val_set = data.split(images, config.val_split, config.seed)
-        train_set.skipped = images.skipped
-    data.require_trainable(train_set)
-    data.require_trainable(val_set, "validation data")
-    test_set = data.scan(test, classes=images.classes, max_pixels=config.max_pixels,
-                          workers=config.workers) if test else None
-    named = {"train": train_set, "val": val_set} | ({"test": test_set} if test_set else {})
-    return Splits(train_set, val_set, test_set, data.duplicates(named))
-
-
-@dataclass
-class Built:
-    model: Classifier
-    pre: Preprocessing
-    block_names: list[str]
-    feature_shape: list[int]
-    weights: dict  # where the weights came from, for config.json
-
-
-def build_model(config: TrainConfig, num_classes: int, pre: Preprocessing | None = None) -> Built:
-    """Backbone blocks + a fresh head, seeded (a random-init backbone too). The weights are loaded and their
-    preprocessing used, unless a saved run rebuilds itself with its recorded `pre` (its tensors follow)."""
-    torch.manual_seed(config.seed)
-    backbone, timm_model = backbones.create(config.backbone, config.image_size)
-    loaded = weights.Loaded(config.weights) if pre else weights.load(timm_model, config.backbone, config.weights)
-    pre = pre or backbones.preprocessing(backbone.pretrained_cfg | loaded.cfg, config.image_size)
-    head = make_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
-    model = Classifier(backbone.blocks, head, pre, config.fold_bn).to(device())
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return Built(model, pre, backbone.block_names, backbone.feature_shape, loaded.record())
-
-
-# ---------------------------------------------------------------- feeds
-
-
-def _to_device(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = x.to(device(), non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The training order of an epoch: the same with or without the cache, and after a resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-
-
-def default_workers() -> int:
-    """Decoding processes: none on two cores or fewer, where measured throughput is best with decoding between
-    batches (worker processes there only contend with the model's threads); else up to four."""
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(cores - 1, 4)
-
-
-def image_loader(images: ImageSet, pre: Preprocessing, config: TrainConfig, augment: str = "none",
-                 order: list[int] | None = None, view: int | None = None) -> torch.utils.data.DataLoader:
-    """Decode and resize in worker processes; uint8 batches (normalisation happens in the model).
-
-    `view` seeds augmentation per (seed, view, image) so a cached view is reproducible. The loader gets its
-    own generator so that it never draws from (and shifts) the global RNG that dropout uses.
+    Sums stay on the device until the end, so a GPU is never made to wait for a batch's numbers.
     """
-    workers = config.workers if config.workers is not None else default_workers()
-    dataset = data.ImageDataset(images, pre, augment, config.max_pixels,
-                                seed=None if view is None else config.seed, view=view or 0)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=order, generator=torch.Generator().manual_seed(config.seed),
-        num_workers=workers, prefetch_factor=4 if workers else None,
-    )
-
-
-class ImageFeed:
-    """Batches of images, augmented afresh every epoch; the whole model runs on them."""
-
-    start = 0
-
-    def __init__(self, splits: Splits, pre: Preprocessing, config: TrainConfig):
-        self.splits, self.pre, self.config = splits, pre, config
-
-    def train(self, epoch: int) -> Iterable:
-        order = epoch_order(len(self.splits.train), self.config.seed, epoch)
-        return image_loader(self.splits.train, self.pre, self.config, self.config.augment, order)
-
-    def val(self) -> Iterable:
-        return image_loader(self.splits.val, self.pre, self.config)
-
-
-class CachedFeed:
-    """Batches of cached block-`start` features (start 0: decoded images); epoch e draws augmented view e % views."""
-
-    def __init__(self, start: int, views: list[np.ndarray], labels: list[int], val: np.ndarray,
-                 val_labels: list[int], config: TrainConfig):
-        self.start, self.views, self.val_features, self.config = start, views, val, config
-        self.labels, self.val_labels = torch.tensor(labels), torch.tensor(val_labels)
-
-    def _batches(self, features: np.ndarray, labels: torch.Tensor, order: list[int]) -> Iterator:
-        for i in range(0, len(order), self.config.batch_size):
-            idx = order[i:i + self.config.batch_size]
-            yield torch.from_numpy(features[idx]).float(), labels[idx]
-
-    def train(self, epoch: int) -> Iterator:
-        order = epoch_order(len(self.labels), self.config.seed, epoch)
-        return self._batches(self.views[epoch % len(self.views)], self.labels, order)
-
-    def val(self) -> Iterator:
-        return self._batches(self.val_features, self.val_labels, list(range(len(self.val_labels))))
-
-
-class Features:
-    """Frozen-prefix features of a run's images: from the FeatureCache, or computed now and stored there."""
-
-    def __init__(self, built: Built, config: TrainConfig, store: FeatureCache):
-        self.built, self.config, self.store = built, config, store
-        self.base = {"backbone": config.backbone, "weights": _weights_identity(config), "pre": asdict(built.pre),
-                     "bf16": config.bf16, "max_pixels": config.max_pixels}
-
-    def get(self, images: ImageSet, block: int, augment: str = "none", view: int = 0) -> np.ndarray:
-        """Features of blocks[:block] for `images` (augmented view `view`), computed only if not cached."""
-        identity = {**self.base, "augment": augment, "view": view,
-                    "seed": self.config.seed if augment != "none" else None,
-                    "files": [(str(p), *_stat(p)) for p in images.files]}
-        if (hit := self.store.load(identity | {"block": block})) is not None:
-            return hit
-        # start from the deepest shallower prefix already cached (two-stage, compare), else from images
-        start, batches, n = 0, None, self.config.batch_size
-        for j in range(block - 1, 0, -1):
-            if (shallower := self.store.load(identity | {"block": j})) is not None:
-                start, batches = j, ((torch.from_numpy(shallower[i:i + n]).float(), None)
-                                     for i in range(0, len(images), n))
-                break
-        if batches is None:
-            batches = image_loader(images, self.built.pre, self.config, augment,
-                                   view=view if augment != "none" else None)
-        model = self.built.model.eval()
-
-        def run_blocks(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), autocast(self.config.bf16):
-                return model.features(_to_device(x, self.config.channels_last), start, block).float().cpu()
-
-        progress = tqdm(batches, desc=f"caching block {block} features", total=-(-len(images) // n), leave=False,
-                        disable=None)
-        about = {"backbone": self.config.backbone, "dataset": str(images.root), "block": block, "augment": augment,
-                 "view": view}
-        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks, about)
-
-    def feed(self, splits: Splits, block: int) -> CachedFeed | None:
-        """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""
-        if block == 0:
-            return self.images(splits)
-        augment = self.config.augment
-        views = range(self.config.cache_views if augment != "none" else 1)
-        train = [self.get(splits.train, block, augment, v) for v in views]
-        return CachedFeed(block, train, splits.train.labels, self.get(splits.val, block), splits.val.labels,
-                          self.config)
-
-    def images(self, splits: Splits) -> CachedFeed | None:
-        """Unaugmented images are a pure function of their files too: decoded once and kept in RAM as uint8 for
-        every epoch; None with augmentation or beyond the RAM budget (the images are then decoded each epoch)."""
-        size = self.built.pre.size
-        if self.config.augment != "none" or (len(splits.train) + len(splits.val)) * 3 * size**2 > self.store.ram_bytes:
-            return None
-
-        def decode(images: ImageSet) -> np.ndarray:
-            return torch.cat([x for x, _ in image_loader(images, self.built.pre, self.config)]).numpy()
-
-        return CachedFeed(0, [decode(splits.train)], splits.train.labels, decode(splits.val), splits.val.labels,
-                          self.config)
-
-
-def feature_store(config: TrainConfig) -> FeatureCache:
-    """The cache that `config` asks for; share one between runs (as `compare` does) to share features in RAM."""
-    directory = Path(config.cache_dir) if config.cache_dir else cache.default_dir()
-    return FeatureCache(directory, int(config.cache_ram_gb * 2**30), int(config.cache_max_gb * 2**30))
-
-
-def _stat(path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def _weights_identity(config: TrainConfig) -> str:
-    """What decides the weights: their file's identity, or the seed for a random init."""
-    if config.weights == "none":
-        return f"none/seed={config.seed}"
-    path = weights.imagenet_file(config.backbone) if config.weights == "imagenet" else config.weights
-    return f"{config.weights}:{path}:{_stat(path) if path and os.path.exists(path) else ''}"
-
-
-# ---------------------------------------------------------------- fit
-
-
-def run_epoch(model: Classifier, batches: Iterable, start: int, config: TrainConfig,
-              optimizer: torch.optim.Optimizer | None = None, desc: str = "") -> tuple[float, float, torch.Tensor]:
-    """One pass: trains when given an optimizer; returns (mean loss, accuracy, probabilities)."""
     training = optimizer is not None
     model.train(training)
     total, correct, count, probs = 0.0, 0, 0, []
-    bar = tqdm(batches, desc=desc, leave=False, disable=None)
     with torch.set_grad_enabled(training):
-        for x, y in bar:
-            y = y.to(device())
-            with autocast(config.bf16):
-                logits = model(_to_device(x, config.channels_last), start)
+        for k, (x, y) in enumerate(bar(batches, desc, total=_len(batches))):
+            if k == 0 and on_first_batch:
+                on_first_batch()
+            with device.autocast():
+                logits = model(x, start)
             loss = loss_fn(logits, y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             p = probabilities(logits.detach())
-            probs.append(p.cpu())
-            total += loss.item() * len(y)
-            correct += (p.argmax(1) == y).sum().item()
+            probs.append(p)
+            total += loss.detach() * len(y)
+            correct += (p.argmax(1) == y).sum()
             count += len(y)
-            bar.set_postfix(loss=f"{total / count:.4f}", acc=f"{correct / count:.4f}")
-    return total / count, correct / count, torch.cat(probs)
+    return float(total) / count, int(correct) / count, torch.cat(probs).cpu()
+
+
+def _len(batches: Iterable) -> int | None:
+    return len(batches) if hasattr(batches, "__len__") else None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -364,30 +130,38 @@ def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
     return {k: v.clone() for name, module in trained for k, v in module.state_dict(prefix=f"{name}.").items()}
 
 
-def fit(model: Classifier, stage: Stage, feed: ImageFeed | CachedFeed, config: TrainConfig, progress: Progress,
-        on_epoch: Callable[[Progress], None] | None = None) -> None:
-    """Train one stage from where `progress` stands, with early stopping on validation loss; restores the best
-    weights.
+@dataclass
+class Hooks:
+    """What a caller does around the loop, by name, so that the loop stays one loop for every caller."""
 
-    `on_epoch` gets the progress after every epoch, to checkpoint it.
-    """
+    first_batch: Callable[[], None] = lambda: None
+    epoch_end: Callable[[Progress], None] = lambda progress: None
+
+
+def fit(model: Classifier, stage: Stage, feed: Feed, config: TrainConfig, device: Device, progress: Progress,
+        hooks: Hooks | None = None) -> None:
+    """Train one stage from where `progress` stands, with early stopping on validation loss; restores the best
+    weights. `hooks.epoch_end` gets the progress after every epoch, to checkpoint it."""
+    hooks = hooks or Hooks()
     model.freeze(stage.frozen, config.bn_frozen)
     optimizer = torch.optim.AdamW(param_groups(model.blocks, model.head, stage, config.lr_decay))
     if progress.optimizer:
         optimizer.load_state_dict({"state": progress.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+    scaler = device.grad_scaler()
     history = progress.history
     while progress.epoch < stage.epochs and not (config.patience and progress.waited >= config.patience):
         torch.manual_seed(config.seed * 1000 + len(history))
         began = time.perf_counter()
         label = f"stage {progress.stage + 1} ({stage.name}) epoch {progress.epoch + 1}/{stage.epochs}"
-        train_loss, train_acc, _ = run_epoch(model, feed.train(progress.epoch), feed.start, config, optimizer, label)
-        val_loss, val_acc, _ = run_epoch(model, feed.val(), feed.start, config, desc="validating")
+        train_loss, train_acc, _ = run_epoch(model, feed.train(progress.epoch), feed.start, device, optimizer, scaler,
+                                             label, hooks.first_batch)
+        val_loss, val_acc, _ = run_epoch(model, feed.val(), feed.start, device, desc="validating")
         row = {"epoch": len(history) + 1, "stage": progress.stage + 1, "trained": stage.name,
                "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
                "seconds": time.perf_counter() - began}
         history.append(row)
-        tqdm.write(f"{label}: loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
-                   f"acc {val_acc:.4f} | {row['seconds']:.1f}s")
+        note(f"{label}: loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
+             f"acc {val_acc:.4f} | {row['seconds']:.1f}s")
         progress.epoch += 1
         if val_loss < progress.best_loss:
             progress.best_loss, progress.best_epoch, progress.waited = val_loss, row["epoch"], 0
@@ -395,8 +169,7 @@ def fit(model: Classifier, stage: Stage, feed: ImageFeed | CachedFeed, config: T
         else:
             progress.waited += 1
         progress.optimizer = optimizer.state_dict()["state"]
-        if on_epoch:
-            on_epoch(progress)
+        hooks.epoch_end(progress)
     if not progress.best:
         raise TransferlabError("training diverged: the validation loss was never a finite number; try a lower --lr")
     model.load_state_dict(progress.best, strict=False)
@@ -406,48 +179,61 @@ def fit(model: Classifier, stage: Stage, feed: ImageFeed | CachedFeed, config: T
 
 
 def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | None = None,
-          store: FeatureCache | None = None, overwrite: bool = False, progress: Progress | None = None) -> Run:
+          store: FeatureCache | None = None, overwrite: bool = False, progress: Progress | None = None,
+          device: Device | None = None) -> Run:
     """Train with `config`'s strategy, evaluate on validation, and save a run directory to `out`.
 
     With `out`, every epoch is checkpointed beside it, so Ctrl-C or SIGTERM stops with an `Interrupted` that
     `resume(out)` continues from; `progress` is that continuation's starting point.
     """
+    started = time.perf_counter()
     checkpoint = None if out is None else checkpoint_path(Path(out))
     if checkpoint and not progress:
         check_writable(Path(out), overwrite)
         if checkpoint.exists() and not overwrite:
             raise TransferlabError(f"{out} has an interrupted run: continue it with `transferlab train --resume {out}`"
                                    " or pass --overwrite to start again")
+    device = device or devices.resolve(config)
+    plan = stages(config.strategy, len(backbones.block_names(config.backbone)), config.unfreeze_blocks,
+                  config.epochs, config.head_epochs, config.lr, config.backbone_lr)  # a wrong name fails here
     splits = splits or load_splits(config)
-    built = build_model(config, len(splits.classes))
-    model = built.model
-    plan = stages(config.strategy, model.num_blocks, config.unfreeze_blocks, config.epochs, config.head_epochs,
-                  config.lr, config.backbone_lr)
+    note(f"building {config.backbone} ({'random init' if config.weights == 'none' else config.weights + ' weights'})"
+         f" on {device.summary()}")
+    built = create_classifier(config, len(splits.classes), device.fold_bn)
+    model = device.place(built.model)
     store = store or feature_store(config)
-    features = Features(built, config, store) if config.cache else None
+    features = Features(built, config, device, store) if config.cache else None
     if progress:
         model.load_state_dict(progress.model, strict=False)
     elif checkpoint:
         checkpoint.unlink(missing_ok=True)  # an interrupted run that --overwrite replaces
     progress = progress or Progress()
     began = time.perf_counter() - progress.seconds
-    meta = {"config": config.to_dict(), "overwrite": overwrite, "data": fingerprint(splits)}
+    meta = {"config": config.to_dict(), "overwrite": overwrite, "data": splits.fingerprint()}
 
     def save_checkpoint(p: Progress) -> None:
         p.seconds = time.perf_counter() - began
         write_checkpoint(checkpoint, p.tensors(model), meta | {"progress": p.to_json()})
 
+    waited = []
+
+    def first_batch() -> None:
+        if not waited:
+            waited.append(time.perf_counter() - started)
+            note(f"first training batch after {waited[0]:.1f}s")
+
+    hooks = Hooks(first_batch, save_checkpoint if checkpoint else lambda p: None)
     with _interruptible(checkpoint, out):
         if features:  # shallowest prefix first: deeper ones then start from its features, not from the images
             for frozen in sorted({s.frozen for s in plan[progress.stage:] if s.frozen > 0}):
                 features.feed(splits, frozen)
         for stage in plan[progress.stage:]:
-            feed = (features and features.feed(splits, stage.frozen)) or ImageFeed(splits, built.pre, config)
-            fit(model, stage, feed, config, progress, save_checkpoint if checkpoint else None)
+            feed = (features and features.feed(splits, stage.frozen)) or ImageFeed(splits, built.pre, config, device)
+            fit(model, stage, feed, config, device, progress, hooks)
             best_epoch, history = progress.best_epoch, progress.history
             progress = Progress(progress.stage + 1, seconds=progress.seconds, history=history)
         seconds = time.perf_counter() - began
-        _, _, probs = run_epoch(model, feed.val(), feed.start, config, desc="evaluating")
+        _, _, probs = run_epoch(model, feed.val(), feed.start, device, desc="evaluating")
         result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
         info = {
             "classes": splits.classes,
@@ -459,6 +245,8 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
             "total_params": sum(p.numel() for p in model.parameters()),
             "best_epoch": best_epoch,
             "train_seconds": seconds,
+            "first_batch_seconds": waited[0] if waited else None,
+            "device": device.describe(),
             "cache": {"used": config.cache, "views": config.cache_views if config.augment != "none" else 1,
                       "augment": config.augment, "hits": store.hits, "misses": store.misses},
             "data": splits.summary(),
@@ -483,16 +271,10 @@ def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
     meta, tensors = read_checkpoint(path)
     config = TrainConfig.from_dict(meta["config"])
     splits = load_splits(config)
-    if fingerprint(splits) != meta["data"]:
+    if splits.fingerprint() != meta["data"]:
         raise TransferlabError(f"the images for {out} changed since it was interrupted, so it cannot continue as it "
                                "began; start again with --overwrite")
     return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors))
-
-
-def fingerprint(splits: Splits) -> str:
-    """Which bytes are in which split, with which label: what a resumed run must find unchanged."""
-    content = [(s.digests, s.labels) for s in (splits.train, splits.val)]
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 @contextlib.contextmanager

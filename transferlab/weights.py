@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,9 +200,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TransferlabError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # the unpickler's warnings about protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # never pass on PyTorch's advice to load with weights_only=False: that runs code
+        reason = "not a safetensors file" if path.suffix == ".safetensors" else f"{type(e).__name__}"
+        raise TransferlabError(f"cannot read weights from {path}: it is not a state dict of tensors ({reason}); "
+                               "transferlab loads tensors only, never code") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TransferlabError(f"{path} is not a state dict of tensors")
@@ -260,11 +265,13 @@ def load(model: nn.Module, name: str, spec: str) -> Loaded:
         return _read_into(model, name, path, f"file {path}")
     there = source(name)
     if there is None and not _online():
+        installed = [n for n in PACKAGES if name in n]  # efficientnet_lite0 -> tf_efficientnet_lite0
         unusable = "".join(f" ({f.path} cannot serve: {f.unusable})" for f in found(name))
         raise TransferlabError(
-            f"ImageNet weights for {name} are not on this machine and there is no network to download them: run "
-            f"`transferlab weights download {name}` where there is one and copy the files here, or pass --weights "
-            f"PATH to a weights file{unusable}"
+            f"ImageNet weights for {name} are not on this machine and there is no network to download them: "
+            + (f"did you mean {installed[0]}, whose weights are installed? Else " if installed else "")
+            + f"run `transferlab weights download {name}` where there is one and copy the files here, or pass "
+            f"--weights PATH to a weights file{unusable}"
         )
     there = there or download(name)
     return _read_into(model, name, there.path, f"imagenet ({there.where} {there.path.name})")
