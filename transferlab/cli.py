@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import TransferlabError
+from .images import UploadLimits
 from .memory import reuse_freed_memory
 
 HELP = {
@@ -117,8 +118,10 @@ def build_parser() -> Parser:
     evaluate.add_argument("--data", required=True, help="labelled folder with the run's class sub-folders")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    predict = commands.add_parser("predict", help="label new images with a saved run")
-    predict.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    predict = commands.add_parser("predict", help="label new images with a saved run or an exported ONNX file")
+    predict.add_argument("model", metavar="RUN_DIR|MODEL.onnx",
+                         help="a run directory written by `transferlab train`, or an ONNX file written by "
+                              "`transferlab export` (then torch is not needed)")
     predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched for images")
     predict.add_argument("--top-k", type=int, help="classes listed per image, most likely first (default: 3 for "
                                                    "multi-class models, 1 for two classes; at most all classes)")
@@ -143,6 +146,30 @@ def build_parser() -> Parser:
     add_config_flags(compare, skip=("strategy",))
     compare.add_argument("--out", required=True, help="folder for the runs, comparison.json/csv, plots and report")
     compare.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+
+    export = commands.add_parser("export", help="write a run as an ONNX file that predicts on its own")
+    export.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="file format (default onnx)")
+    export.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/model.onnx)")
+    export.add_argument("--quantize", metavar="int8",
+                        help="also write an int8 copy beside it (FILE.int8.onnx), calibrated on the run's training "
+                             "images, and print both files' accuracy on its validation images")
+    export.add_argument("--overwrite", action="store_true", help="replace files an earlier export wrote")
+
+    serve = commands.add_parser("serve", help="a local web page and JSON API to try a model on your own photos")
+    serve.add_argument("model", metavar="RUN_DIR|MODEL.onnx",
+                       help="a run directory (Grad-CAM shown) or an ONNX file from `transferlab export`")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                            "network)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    limits = UploadLimits()
+    serve.add_argument("--max-file-mb", type=float, default=limits.file_mb,
+                       help=f"largest image accepted, in MB (default {limits.file_mb:g})")
+    serve.add_argument("--max-request-mb", type=float, default=limits.request_mb,
+                       help=f"largest request accepted, in MB (default {limits.request_mb:g})")
+    serve.add_argument("--max-files", type=int, default=limits.files,
+                       help=f"most images in one request (default {limits.files})")
 
     listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
@@ -214,9 +241,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .runs import Run
+    from .predictions import load
 
-    rows = Run.load(args.run_dir).predict(args.paths, args.top_k)
+    rows = load(args.model).predict(args.paths, args.top_k)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif args.csv:
@@ -357,8 +384,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    done = export(args.run_dir, args.out, args.quantize, args.overwrite)
+    print(f"wrote {done.path} ({done.path.stat().st_size / 2**20:.1f} MB): ONNX Runtime gives PyTorch's "
+          f"probabilities within {done.max_difference:.1g}")
+    if done.int8:
+        print(f"wrote {done.int8} ({done.int8.stat().st_size / 2**20:.1f} MB): int8, calibrated on "
+              f"{done.calibration_images} training images")
+        if done.accuracy:
+            print(f"validation accuracy on {done.validation_images} images: int8 {done.accuracy['int8']:.4f}, "
+                  f"fp32 {done.accuracy['fp32']:.4f} ({100 * (done.accuracy['int8'] - done.accuracy['fp32']):+.2f} pt)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if min(args.max_file_mb, args.max_request_mb, args.max_files) <= 0:
+        raise TransferlabError("--max-file-mb, --max-request-mb and --max-files must be positive")
+    serve(args.model, args.host, args.port, UploadLimits(args.max_file_mb, args.max_request_mb, args.max_files))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
-            "backbones": cmd_backbones, "compare": cmd_compare, "weights": cmd_weights, "cache": cmd_cache}
+            "backbones": cmd_backbones, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
+            "weights": cmd_weights, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a permission or a full disk: the system's words suffice
         print(f"transferlab: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional dependency: export and serve need the `deploy` extra
+        print(f"transferlab: error: {e.name} is not installed (`pip install 'transferlab[deploy]'` installs what "
+              f"export and serve need)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # training's says how to continue; a bare Ctrl-C has no words
         print(f"transferlab: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -126,9 +126,10 @@ class FoldedBatchNorm(TorchFunctionMode):
     """BatchNorm in inference mode is a per-channel affine map, so folded into the convolution that feeds it,
     it costs no pass over the activations: the convolution takes weight * scale and a bias, and the BatchNorm
     passes its input on. Parameters and gradients stay those of the unfolded model (the fold is recomputed
-    from them at every call), so checkpoints and optimiser state are untouched. Measured here on
-    tf_efficientnet_lite0, bf16, batch 32: a full fine-tuning step went from 53 to 68 images/s, an inference
-    pass from 290 to 335.
+    from them at every call), so checkpoints and optimiser state are untouched. Equal up to rounding, which
+    differs, as with channels_last: a ReLU input within rounding of 0 may fall on either side, and its gradient
+    with it (so tests compare in float64). Measured here on tf_efficientnet_lite0, bf16, batch 32: a full
+    fine-tuning step went from 53 to 68 images/s, an inference pass from 290 to 335.
 
     Pairs are found by running `example` through `blocks` once, and kept only if folding gives the same
     output with BatchNorm statistics far from the identity; a BatchNorm that is training (scratch,
