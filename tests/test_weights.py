@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict, replace
 
 import h5py
 import numpy as np
@@ -23,8 +24,12 @@ import transferlab as tl
 from transferlab import backbones, cli, keras_h5, weights
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
+from transferlab.export import TOLERANCE, export
+from transferlab.exported import ExportedModel
 from transferlab.model import create_classifier
 from transferlab.splits import load_splits
+
+from .conftest import TINY
 
 VGG_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_BLOCKS, VGG19_BLOCKS = (2, 2, 3, 3, 3), (2, 2, 4, 4, 4)
@@ -276,3 +281,16 @@ def test_weights_from_a_cache_give_a_stable_feature_cache_identity(folder, tiny)
     assert tl.train(folder, strategy="feature-extraction", **options).info["cache"]["misses"] == 0
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # other weights, maybe
     assert tl.train(folder, strategy="feature-extraction", **options).info["cache"]["misses"] == 2
+
+
+def test_a_model_on_caffe_weights_exports_with_its_channel_swap_inside(tmp_path):
+    config = TrainConfig(data="unused", **TINY)
+    caffe = replace(create_classifier(config, 2, fold_bn=True).pre, **keras_h5.CAFFE)
+    built = create_classifier(config, 2, fold_bn=True, pre=caffe)
+    info = {"classes": ["a", "b"], "preprocessing": asdict(caffe), "backbone": {"weights": "none"}}
+    run = tl.Run(config, info, built.model.eval(), [], {}, [], tmp_path)
+    assert export(run).max_difference <= TOLERANCE  # the ONNX file swaps the channels as PyTorch does
+    exported = ExportedModel(tmp_path / "model.onnx")
+    assert exported.preprocessing == caffe
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    assert not np.allclose(exported.probabilities(x), exported.probabilities(x[:, ::-1].copy()), atol=1e-3)
