@@ -46,8 +46,12 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own feature cache; nothing in the user's home is touched."""
+    """Every test gets its own feature cache and empty weight caches; nothing in the user's home is touched or
+    found."""
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    for variable in ("TORCH_HOME", "HF_HOME", "KERAS_HOME"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
 
 TINY = dict(backbone="mobilenetv2_100", weights="none", image_size=32, batch_size=8, epochs=2, workers=0,

@@ -183,7 +183,7 @@ def test_an_onnx_file_that_transferlab_did_not_write_is_one_line(tmp_path, capsy
 def test_every_listed_backbone_exports(backbone, tmp_path):
     """Untrained (the export does not care), so that eight backbones cost seconds each."""
     config = TrainConfig(data="unused", **TINY | {"backbone": backbone})
-    built = create_classifier(config, 3, fold_bn=True, load_weights=False)
+    built = create_classifier(config, 3, fold_bn=True)
     info = {"classes": ["a", "b", "c"], "preprocessing": asdict(built.pre), "backbone": {"weights": "none"}}
     run = tl.Run(config, info, built.model.eval(), [], {}, [], tmp_path)
     assert export(run).max_difference <= TOLERANCE

@@ -6,7 +6,9 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import MISSING, fields
+import time
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
 
 from .config import TrainConfig
 from .errors import TransferlabError
@@ -17,7 +19,8 @@ HELP = {
     "val": "validation folder with the same class sub-folders (default: --val-split of --data)",
     "val_split": "fraction of --data held out for validation, stratified and seeded (default 0.2)",
     "backbone": "timm model name; see `transferlab backbones` (default tf_efficientnet_lite0)",
-    "weights": "imagenet (default), none (random init) or a state-dict file",
+    "weights": "imagenet (default: found offline where `transferlab weights` says, else downloaded), none "
+               "(random init), or a file: safetensors, PyTorch state dict, or Keras .h5 (VGG16/VGG19)",
     "strategy": "feature-extraction | partial | full | two-stage (default) | scratch",
     "unfreeze_blocks": "blocks trained by partial and two-stage, counted from the top, or 'all' (default 1)",
     "epochs": "maximum epochs (of each stage's second part for two-stage) (default 10)",
@@ -39,6 +42,8 @@ HELP = {
     "cache_dir": "where cached features persist (default $TRANSFERLAB_CACHE or ~/.cache/transferlab/features)",
     "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir; decoded images are kept "
                     "only within it (default 4)",
+    "cache_max_gb": "keep --cache-dir under this many GiB by removing the least recently used features that no "
+                    "running command uses (default 20)",
     "device": "auto (default: the first CUDA GPU, else MPS, else the CPU), cpu, mps, cuda or cuda:N",
     "amp": "autocast: bf16, fp16 (GPU) or off (default: what was measured fastest on the device: bf16 on CPUs "
            "with AVX-512 BF16 or AMX, else off)",
@@ -168,6 +173,20 @@ def build_parser() -> Parser:
 
     listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
+
+    weights = commands.add_parser("weights", help="where each backbone's ImageNet weights come from on this machine")
+    weights.add_argument("--json", action="store_true", help="print a JSON list")
+    weights_sub = weights.add_subparsers(dest="weights_command", parser_class=Parser)
+    fetch = weights_sub.add_parser("download", help="fetch ImageNet weights now, to train offline later")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help="backbone names, e.g. vgg16 resnet50")
+
+    features = commands.add_parser("cache", help="the feature cache: size by backbone and dataset, last use")
+    features.add_argument("--cache-dir", help=HELP["cache_dir"])
+    features.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    cache_sub = features.add_subparsers(dest="cache_command", parser_class=Parser)
+    clear = cache_sub.add_parser("clear", help="remove cached features that no running command uses")
+    clear.add_argument("--older-than", type=float, metavar="DAYS", help="only those last used more than DAYS ago")
+    clear.add_argument("--cache-dir", help=HELP["cache_dir"], default=argparse.SUPPRESS)
     return parser
 
 
@@ -285,6 +304,75 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from . import weights
+    from .backbones import LISTED
+
+    if args.weights_command == "download":
+        for name in args.names:
+            there = weights.download(name)
+            print(f"{name}: {there.where}: {there.path}")
+        return 0
+    rows = []
+    for name in LISTED:
+        places = weights.found(name)
+        usable = next((f for f in places if not f.unusable), None)
+        rows.append({"name": name, "source": usable.where if usable else None, "file": usable and str(usable.path),
+                     "unusable": [{"file": str(f.path), "reason": f.unusable} for f in places if f.unusable]})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'backbone':<24}{'imagenet weights from':<24}file")
+    for r in rows:
+        print(f"{r['name']:<24}{r['source'] or 'needs the network':<24}{r['file'] or ''}".rstrip())
+        for u in r["unusable"]:
+            print(f"{'':<24}not used: {u['file']}: {u['reason']}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from . import cache
+
+    directory = Path(args.cache_dir) if args.cache_dir else cache.default_dir()
+    if args.cache_command == "clear":
+        if args.older_than is not None and args.older_than < 0:
+            raise TransferlabError("--older-than must be 0 days or more")
+        removed, busy = cache.clear(directory, args.older_than)
+        print(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))}) from {directory}"
+              + (f"; kept {len(busy)} that a running command uses" if busy else ""))
+        return 0
+    exists = directory.is_dir()
+    listed = cache.entries(directory) if exists else []
+    if args.json:
+        print(json.dumps([asdict(e) for e in listed]))
+        return 0
+    print(f"{directory}: {_size(sum(e.bytes for e in listed))} in {len(listed)} entries; training keeps it under "
+          f"--cache-max-gb (default {TrainConfig.cache_max_gb:g} GiB)")
+    if partial := exists and cache.partial_bytes(directory):
+        print(f"and {_size(partial)} being written, or left by killed runs (`transferlab cache clear` removes those)")
+    groups: dict[tuple, list] = {}
+    for e in listed:
+        groups.setdefault((e.about.get("backbone", "?"), e.about.get("dataset", "? (from an older transferlab)")),
+                          []).append(e)
+    for (backbone, dataset), group in sorted(groups.items()):
+        print(f"\n{backbone}  {dataset}: {_size(sum(e.bytes for e in group))} in {len(group)} entries")
+        for e in sorted(group, key=lambda e: -e.last_used):
+            what = f"block {e.about['block']}, {e.about['shape'][0]} images" if "block" in e.about else e.name
+            if e.about.get("augment", "none") != "none":
+                what += f", {e.about['augment']} view {e.about['view']}"
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            print(f"  {what:<44}{_size(e.bytes):>10}  last used {used}")
+    return 0
+
+
+def _size(n: int) -> str:
+    """Binary units, as --cache-ram-gb and --cache-max-gb count."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def cmd_compare(args) -> int:
     from .compare import format_table, run_comparison
     from .report import write
@@ -321,7 +409,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
-            "backbones": cmd_backbones, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve}
+            "backbones": cmd_backbones, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
+            "weights": cmd_weights, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ FORMAT = "transferlab-onnx/1"
 BATCH = 32
 STEPS = ("decode the file to RGB with its EXIF orientation applied; resize its short side to `resize` pixels "
          "(antialiased, `interpolation`); crop the centre `size` x `size`; feed uint8 [batch, 3, size, size]; "
-         "the model normalises with `mean` and `std` itself")
+         "the model swaps RGB to BGR itself where `channels` says BGR, and normalises with `mean` and `std`")
 
 
 def metadata(classes: list[str], pre: Preprocessing, max_pixels: int, card: dict) -> dict[str, str]:

@@ -288,7 +288,9 @@ class Features:
         note(f"computing the frozen blocks' features of {len(images):,} images once (block {block}"
              + (f", augmented view {view}" if augment != "none" else "") + "); later epochs and runs read them")
         progress = bar(batches, f"caching block {block} features", total=-(-len(images) // n))
-        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
+        about = {"backbone": self.config.backbone, "dataset": str(images.root), "block": block, "augment": augment,
+                 "view": view}
+        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks, about)
 
     def feed(self, splits: Splits, block: int) -> CachedFeed | None:
         """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""
@@ -318,7 +320,7 @@ class Features:
 def feature_store(config: TrainConfig) -> FeatureCache:
     """The cache that `config` asks for; share one between runs (as `compare` does) to share features in RAM."""
     directory = Path(config.cache_dir) if config.cache_dir else cache.default_dir()
-    return FeatureCache(directory, int(config.cache_ram_gb * 2**30))
+    return FeatureCache(directory, int(config.cache_ram_gb * 2**30), int(config.cache_max_gb * 2**30))
 
 
 def _stat(path) -> tuple[int, int]:
@@ -330,5 +332,5 @@ def _weights_identity(config: TrainConfig) -> str:
     """What decides the weights: their file's identity, or the seed for a random init."""
     if config.weights == "none":
         return f"none/seed={config.seed}"
-    path = weights.package_file(config.backbone) if config.weights == "imagenet" else config.weights
+    path = weights.imagenet_file(config.backbone) if config.weights == "imagenet" else config.weights
     return f"{config.weights}:{path}:{_stat(path) if path and os.path.exists(path) else ''}"

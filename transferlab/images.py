@@ -38,17 +38,22 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a backbone wants its input: resize the short side to `resize`, centre-crop `size`, normalise."""
+    """How a backbone's weights want their input: resize the short side to `resize`, centre-crop `size`,
+    reorder the channels (RGB, or BGR for caffe-trained weights), then (x / 255 - mean) / std per channel in
+    that order."""
 
     size: int
     resize: int
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels: str = "RGB"
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(d["size"], d["resize"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
+        """As config.json or an export records it; runs from before `channels` existed read back as RGB."""
+        return cls(d["size"], d["resize"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]),
+                   d.get("channels", "RGB"))
 
 
 def is_candidate(path: Path) -> bool:

@@ -185,7 +185,8 @@ class Run:
             split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
             run_metrics = json.loads((path / "metrics.json").read_text())
             device = inference_device(config)
-            model = create_classifier(config, len(info["classes"]), device.fold_bn, load_weights=False).model
+            model = create_classifier(config, len(info["classes"]), device.fold_bn,
+                                      images.Preprocessing.from_dict(info["preprocessing"])).model
             model.load_state_dict(state)
         except TransferlabError:
             raise
