@@ -9,6 +9,8 @@ Importing the package is light: torch, timm and the rest load when a function fi
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,3 +84,15 @@ def __getattr__(name: str):
 
         return Comparison
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `transferlab.compare` (lazily, so possibly after this module ran) must not replace
+    the function `transferlab.compare` as the package's attribute, as the import system would."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name == "compare" and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -120,11 +120,12 @@ def _setup(c: Comparison) -> list[list[str]]:
         ["duplicates across splits", f"{len(duplicates)}" + "".join(f"; {d['a']} = {d['b']}" for d in duplicates[:5])],
         ["backbone", f"{cfg.backbone}: {len(c.blocks)} blocks ({', '.join(c.blocks)})"],
         ["input", f"{pre.size} px (short side resized to {pre.resize}, {pre.interpolation}, centre crop), "
-                  f"mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
+                  f"{'BGR, ' if pre.channels == 'BGR' else ''}mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
         ["weights", "; ".join(f"{src}: {', '.join(names)}" for src, names in sources.items())],
     ]
-    skip = {"data", "val", "val_split", "strategy", "weights", "backbone", "cache_dir", "cache_ram_gb", "workers",
-            "max_pixels"} | ({"cache_views"} if cfg.augment == "none" else set())  # one exact view without augmentation
+    skip = {"data", "val", "val_split", "strategy", "weights", "backbone", "cache_dir", "cache_ram_gb", "cache_max_gb",
+            "workers", "max_pixels"}
+    skip |= {"cache_views"} if cfg.augment == "none" else set()  # one exact view without augmentation
     return rows + [[k.replace("_", " "), _value(v)] for k, v in cfg.to_dict().items() if k not in skip]
 
 
