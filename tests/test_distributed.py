@@ -4,7 +4,8 @@ c10d rendezvous.
 
 Every torchrun start costs several seconds (each process imports torch and timm), so three starts serve every
 assertion here through module-scoped fixtures: `compare` with two processes; `train` with two, stopped by
-SIGTERM to one of them; and its `--resume` as two machines of one process each.
+SIGTERM to one of them; and its `--resume` as two machines of one process each. The collectives themselves
+(gathers over uneven shares, a lost process within a timeout) are checked between two bare processes.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     make_folder(root / "data")
     make_folder(root / "test", per_class=4, seed=1)
+    min((root / "test" / "dogs").iterdir()).unlink()  # 7 test images: shares of 4 and 3
     return root
 
 
@@ -102,6 +104,9 @@ def test_compare_with_two_processes_writes_one_comparison_as_one_process_does(co
         assert row["epochs_run"] == mine["epochs_run"] and tl.load(row["run_dir"]).info["device"]["processes"] == 2
         for split, images in (("val", one.splits.val), ("test", one.splits.test)):
             assert within_one_image(row[f"{split}_accuracy"], mine[f"{split}_accuracy"], len(images)), row
+        assert np.sum(row["val_confusion_matrix"]) == len(one.splits.val)  # every image once
+        right = row["test_accuracy"] * len(one.splits.test)  # a count of 7 images: none dropped or repeated
+        assert len(one.splits.test) == 7 and abs(right - round(right)) < 1e-9, row
 
 
 def test_the_sharded_cache_is_the_single_process_cache_and_either_reuses_the_other(compared, root):
@@ -195,3 +200,57 @@ def test_shares_cover_every_image_once_and_splits_keep_the_global_batch(monkeypa
         assert len({len(p) for p in parts}) == 1  # as many steps in every process
         for k in range(0, len(parts[0]), 2):  # global batch k, 2 images a process: one process's batch k
             assert sorted(i for p in parts for i in p[k:k + 2]) == sorted((order + order)[k * world:(k + 2) * world])
+
+
+# ---------------------------------------------------------------- collectives between two bare processes
+
+COLLECTIVES = """
+import os, sys, time
+from datetime import timedelta
+import torch
+from transferlab import distributed
+
+distributed.TIMEOUT = timedelta(seconds=3)
+distributed.start(torch.device("cpu"))
+rows = distributed.share(5, seed=3)  # 3 images here, 2 there
+gathered = distributed.gather(torch.tensor(rows, dtype=torch.float64)[:, None] * 10, 5, seed=3)
+print("gathered", gathered[:, 0].tolist(), "summed", distributed.all_sum(distributed.rank() + 1, len(rows)), flush=True)
+if distributed.rank() == 1:
+    if sys.argv[1] == "dies":
+        os._exit(1)
+    time.sleep(60)  # hangs
+began = time.monotonic()
+try:
+    distributed.barrier()
+except distributed.ProcessLost as e:
+    print(f"after {time.monotonic() - began:.0f}s: {e}", flush=True)
+    os._exit(2)
+"""
+
+
+def test_gathers_are_in_image_order_over_uneven_shares_and_a_lost_process_ends_the_wait():
+    def launch(how: str) -> list[subprocess.Popen]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = os.environ | {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        return [subprocess.Popen([sys.executable, "-c", COLLECTIVES, how], text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
+                for r in range(2)]
+
+    dies, hangs = launch("dies"), launch("hangs")
+    said = {}
+    for how, (main, other) in (("dies", dies), ("hangs", hangs)):
+        out, err = main.communicate(timeout=60)
+        other.kill()
+        assert main.returncode == 2, err
+        gathered, lost = out.splitlines()
+        assert gathered == "gathered [0.0, 10.0, 20.0, 30.0, 40.0] summed [3.0, 5.0]"
+        assert other.communicate()[0].startswith(gathered)  # every process has the same numbers
+        said[how] = lost
+    for how, lost in said.items():  # gone: at once; hanging: at the timeout (here 3 s), not forever
+        waited, message = lost.split("s: ", 1)
+        assert int(waited.removeprefix("after ")) <= (0 if how == "dies" else 3) + 2, lost
+        assert message == "another process of this run stopped, or did not answer within 0.05 minutes " \
+                          "(Ranks 1 failed to pass monitoredBarrier in 3000 ms)", lost

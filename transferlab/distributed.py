@@ -100,13 +100,13 @@ def start(device: torch.device) -> None:
 
 
 def lost(error: BaseException) -> bool:
-    """Whether `error` came from a collective that another process left: c10d's own errors, or gloo's
-    RuntimeErrors ('Connection reset by peer', 'Timed out waiting ...')."""
+    """Whether `error` came from a collective that another process left: c10d's own errors, gloo's
+    RuntimeErrors ('Connection reset by peer', 'Timed out waiting ...') or a barrier that one never reached."""
     if not started():
         return False
     import torch.distributed as dist
 
-    return isinstance(error, dist.DistError) or "/gloo/" in str(error)
+    return isinstance(error, dist.DistError) or any(s in str(error) for s in ("/gloo/", "monitoredBarrier"))
 
 
 @contextlib.contextmanager
@@ -117,9 +117,9 @@ def watched() -> Iterator[None]:
     except RuntimeError as e:
         if not lost(e):
             raise
-        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0]
+        reason = re.sub(r"^\[[^\]]*\]:? ", "", str(e).strip().splitlines()[0]).split(". ")[0]
         raise ProcessLost(f"another process of this run stopped, or did not answer within "
-                          f"{TIMEOUT.total_seconds() / 60:.0f} minutes ({reason})") from None
+                          f"{TIMEOUT.total_seconds() / 60:g} minutes ({reason})") from None
 
 
 def barrier() -> None:
