@@ -10,9 +10,8 @@ import time
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, UploadLimits
 from .errors import TransferlabError
-from .images import UploadLimits
 from .memory import reuse_freed_memory
 
 HELP = {
