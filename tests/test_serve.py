@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from transferlab import cli, serve
-from transferlab.images import UploadLimits
+from transferlab.config import UploadLimits
 
 from .conftest import SHARED
 

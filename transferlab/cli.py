@@ -11,9 +11,8 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, UploadLimits
 from .errors import TransferlabError
-from .images import UploadLimits
 from .memory import reuse_freed_memory
 
 HELP = {

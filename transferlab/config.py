@@ -115,3 +115,12 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one request to `transferlab serve` may upload (--max-file-mb, --max-request-mb, --max-files)."""
+
+    file_mb: float = 20
+    request_mb: float = 50
+    files: int = 16

@@ -23,15 +23,6 @@ RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.
               "bicubic": Image.Resampling.BICUBIC}
 
 
-@dataclass(frozen=True)
-class UploadLimits:
-    """What one request to `transferlab serve` may upload (--max-file-mb, --max-request-mb, --max-files)."""
-
-    file_mb: float = 20
-    request_mb: float = 50
-    files: int = 16
-
-
 class BadImage(Exception):
     """A file that looks like an image but cannot be used; the message is the reason shown to the user."""
 

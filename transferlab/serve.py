@@ -37,8 +37,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from . import images, predictions
+from .config import UploadLimits
 from .exported import ExportedModel
-from .images import UploadLimits
 
 MB = 2**20
 
