@@ -38,15 +38,17 @@ def load(path: str | Path) -> Run:
     return Run.load(path)
 
 
-def compare(data: str | Path, strategies: Sequence[str], out: str | Path, test: str | Path | None = None,
-            overwrite: bool = False, **options) -> Comparison:
-    """Train each strategy on `data` and write the comparison and its report to `out`; options are
-    TrainConfig fields (except strategy)."""
-    from .compare import run_comparison
+def compare(data: str | Path, strategies: Sequence[str] | str | None = None, out: str | Path | None = None,
+            **options) -> Comparison:
+    """Train each strategy on `data` and write the comparison and its report to `out`.
+
+    options: TrainConfig fields (except strategy); the sweep's axes `unfreeze_blocks` (0 = feature extraction ..
+    "all"), `train_sizes` (images per class, fractions or "all") and `seeds`, each a list or a comma-separated
+    string; `test` (a labelled folder every point is also scored on); `overwrite`; `resume` (finish an interrupted
+    comparison begun with the same arguments).
+    """
+    from . import studies
     from .report import write
 
     reuse_freed_memory()
-    comparison = run_comparison(TrainConfig(data=str(data), **options), strategies, out,
-                                None if test is None else str(test), overwrite)
-    write(comparison)
-    return comparison
+    return studies.compare(data, strategies, out, finish=write, **options)

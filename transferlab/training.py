@@ -260,8 +260,10 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     return run
 
 
-def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
-    """Continue an interrupted run from its last finished epoch; it ends as the uninterrupted run would have."""
+def resume(out: str | Path, store: FeatureCache | None = None, splits: Splits | None = None,
+           device: Device | None = None) -> Run:
+    """Continue an interrupted run from its last finished epoch; it ends as the uninterrupted run would have.
+    `splits`: the images it began with, when they are not its config's own (a comparison's training subset)."""
     out = Path(out)
     path = checkpoint_path(out)
     if not path.is_file():
@@ -270,11 +272,11 @@ def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
                                else f"there is no interrupted run at {out} to resume")
     meta, tensors = read_checkpoint(path)
     config = TrainConfig.from_dict(meta["config"])
-    splits = load_splits(config)
+    splits = splits or load_splits(config)
     if splits.fingerprint() != meta["data"]:
         raise TransferlabError(f"the images for {out} changed since it was interrupted, so it cannot continue as it "
                                "began; start again with --overwrite")
-    return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors))
+    return train(config, out, splits, store, meta["overwrite"], Progress.restore(meta["progress"], tensors), device)
 
 
 @contextlib.contextmanager
