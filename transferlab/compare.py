@@ -354,9 +354,10 @@ def _foreign(out: Path) -> str:
         doc = json.loads((out / "comparison.json").read_text())
         points = ([p["name"] for p in doc["points"] + doc["failures"]] if doc.get("format") == FORMAT
                   else [s["strategy"] for s in doc["strategies"]])  # written before the format was named
+        ours = REPORT_FILES | set(points)
     except (OSError, ValueError, KeyError, TypeError):
-        return "no comparison.json of its own"
-    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES | set(points))
+        ours = set()
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
     return ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
 
 

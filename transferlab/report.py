@@ -144,20 +144,23 @@ def size_label(size: str, images: int | None = None) -> str:
 
 
 def compare_images(winner: str, other: str, paired: Paired, seeds: int, images: str = "validation image") -> str:
-    """A clause on two configurations image by image, whatever the numbers: identical, one way, both ways."""
+    """A clause on two configurations image by image, whatever the numbers: identical, one way or both ways, with
+    what the paired test says when they differ."""
     if not paired.wins + paired.losses:
-        return (f"{winner} and {other} got exactly the same {images}s right" if seeds == 1 else
-                f"{winner} and {other} were right equally often on every {images}")
-    test = f"exact McNemar {_p(paired.p)}" if seeds == 1 else f"sign test over {seeds} seeds, {_p(paired.p)}"
+        return (f"both got exactly the same {images}s right" if seeds == 1 else
+                f"both were right equally often on every {images}")
     if seeds == 1:
-        return (f"{winner} was right on {_many(paired.wins, images)} that {other} got wrong and wrong on "
-                f"{paired.losses:,} that it got right ({test})")
-    return (f"{winner} was right more often on {_many(paired.wins, images)} and less often on {paired.losses:,} "
-            f"than {other} ({test})")
+        found = (f"{winner} was right on {_many(paired.wins, images)} that {other} got wrong and wrong on "
+                 f"{paired.losses:,} that it got right (exact McNemar {_p(paired.p)})")
+    else:
+        found = (f"{winner} was right more often on {_many(paired.wins, images)} and less often on "
+                 f"{paired.losses:,} than {other} (sign test over {seeds} seeds, {_p(paired.p)})")
+    return found + (", unlikely to be chance" if paired.separable else
+                    ", within what chance gives, so the data cannot separate them")
 
 
-def verdict(paired: Paired) -> str:
-    return "unlikely to be chance" if paired.separable else "within what chance gives, so the data cannot separate them"
+def _gain(x: float) -> str:
+    return _points(x) if x > 0 else "no more accuracy" if x == 0 else f"{_points(x)} (worse)"
 
 
 # ---------------------------------------------------------------- what the report says
@@ -178,12 +181,11 @@ def recommendation_notes(v: View) -> list[str]:
         gain = (f"scored {_points(rec.gain_of_best)} on validation" if rec.gain_of_best > 0 else
                 "scored the same validation accuracy with a lower loss")
         notes.append(f"The most accurate, {rec.best}, {gain}: "
-                     f"{compare_images(rec.best, rec.configuration, rec.versus_best, rec.seeds)}, "
-                     f"{verdict(rec.versus_best)}.")
+                     f"{compare_images(rec.best, rec.configuration, rec.versus_best, rec.seeds)}.")
     if rec.costlier:
-        notes.append("What costlier configurations would buy over it, per validation accuracy and training time: "
-                     + "; ".join(f"{o.configuration} {_points(o.gain)} ({_p(o.paired.p)}) for {_times(o.times)} the "
-                                 f"epochs' time ({_seconds(o.fit_seconds)})" for o in rec.costlier) + ".")
+        notes.append("What costlier configurations would buy over it in validation accuracy: " + "; ".join(
+            f"{o.configuration}: {_gain(o.gain)} for {_times(o.times)} the epochs' time ({_seconds(o.fit_seconds)}"
+            + (f", {_p(o.paired.p)})" if o.paired.wins + o.paired.losses else ")") for o in rec.costlier) + ".")
     return notes + curve_notes(v) + [f"{f.name} failed and is left out: {f.error}." for f in v.c.failures]
 
 
@@ -230,7 +232,7 @@ def _accuracy_notes(v: View, top: list[Summary]) -> list[str]:
         images = compare_images(best.configuration, second.configuration, paired, seeds)
         if margin > 0:
             notes.append(f"{best.configuration} scored highest, {_points(margin)} ahead of {second.configuration}: "
-                         f"{images}, {verdict(paired)}.")
+                         f"{images}.")
         else:
             loss = (f"{best.configuration} ranks first on its lower validation loss ({best.val_loss.mean:.4f} vs "
                     f"{second.val_loss.mean:.4f})" if best.val_loss.mean < second.val_loss.mean else
@@ -260,7 +262,7 @@ def _accuracy_notes(v: View, top: list[Summary]) -> list[str]:
 
 def _gap_note(top: list[Summary]) -> str:
     gaps = {s.configuration: s.gap for s in top}
-    widest = f"; widest: {max(gaps, key=gaps.get)}" if len(gaps) > 1 else ""
+    widest = f"; widest: {max(gaps, key=gaps.get)}" if len(set(gaps.values())) > 1 else ""
     negative = (" A negative gap means training accuracy, measured with dropout (and augmentation) on, trailed "
                 "validation." if min(gaps.values()) < 0 else "")
     return ("Overfitting gap, training minus validation accuracy: "
@@ -281,9 +283,10 @@ def _cost_notes(v: View, top: list[Summary]) -> list[str]:
         paired = Paired.test(best.right(v.labels), fastest.right(v.labels))
         gain = best.val_accuracy.mean - fastest.val_accuracy.mean
         bought = f"gained {_points(gain)} over" if gain > 0 else "gained no validation accuracy over"
-        clause = compare_images(best.configuration, fastest.configuration, paired, v.seeds)
-        notes.append(f"{best.configuration} {bought} {fastest.configuration} for {times(best)} its epochs' time: "
-                     f"{clause}" + (f", {verdict(paired)}." if paired.wins + paired.losses else "."))
+        said = fastest is top[1]  # the accuracy notes compared these two already
+        clause = "" if said else ": " + compare_images(best.configuration, fastest.configuration, paired, v.seeds)
+        notes.append(f"{best.configuration} {bought} {fastest.configuration} for {times(best)} its epochs' time"
+                     f"{clause}.")
     main = v.main
     computed = [f"{r.name} {r.features_computed}" for r in v.c.rows if r.features_computed]
     if computed:

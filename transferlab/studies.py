@@ -217,8 +217,8 @@ def _sweep(folder: Folder, config: TrainConfig, sweep_: Sweep, points: list[Poin
                                   folder.staging, store, device)
                 rows.append(row)
             except KeyboardInterrupt:
-                raise Interrupted(f"interrupted; {len(rows)} of {len(points)} points are saved: continue with "
-                                  f"`transferlab compare --resume {folder.out}`") from None
+                raise Interrupted(f"interrupted with {len(rows) + len(failures)} of {len(points)} points done: "
+                                  f"continue with `transferlab compare --resume {folder.out}`") from None
             except Exception as e:  # recorded, and the sweep goes on
                 failures.append(Failure(point.name, point.configuration, point.train_size, point.config.seed,
                                         str(e).splitlines()[0] if str(e) else type(e).__name__))
@@ -281,7 +281,7 @@ def options(given: dict) -> tuple[dict, dict]:
     """Split `tl.compare`'s keyword options into TrainConfig fields and sweep lists; a misspelled one is a
     one-line error that names the closest valid option."""
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "strategy")]
-    valid = fields + list(SWEEP_OPTIONS[1:]) + ["test", "overwrite", "resume"]
+    valid = fields + list(SWEEP_OPTIONS) + ["test", "overwrite", "resume"]
     for name in given:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
