@@ -585,10 +585,12 @@ def _figures(v: View) -> dict[str, tuple[str, Figure]]:
                      + _seed_note(v), _curves(v, "val_loss", "Validation loss")),
         "train_vs_val": ("Training vs validation, per configuration: a widening gap is overfitting."
                          + (" Dotted line: the next stage unfreezes blocks." if staged else ""), _train_vs_val(v)),
-        "confusion": (("Confusion matrices on the validation set (rows: true class, columns: predicted)."
+        "confusion": (("Confusion matrices on the validation set (rows: true class, columns: predicted; confusions "
+                       "in red)."
                        if classes < MANY_CLASSES else
-                       f"Confusion matrix of {best.configuration} (the best model) on the validation set: counts, "
-                       "coloured by the share of each true class (rows), empty where zero."), _confusions(v)),
+                       f"Confusion matrix of {best.configuration} (the best model) on the validation set: counts; "
+                       "right answers in blue by their share of the true class (rows), confusions in red, darkest for "
+                       "the most frequent; empty where zero."), _confusions(v)),
         "roc": (f"ROC curves on the validation set{averaged}; on the right, the corner where they differ.", _roc(v)),
         "accuracy_vs_time": ("Validation accuracy against the training epochs' time: up and to the left is better."
                              + _shared_features(main) + seeds, _accuracy_vs_time(v)),
@@ -751,14 +753,18 @@ def _grid(n: int, columns: int, cell: tuple[float, float]) -> tuple[Figure, list
 
 
 def _matrix(ax: Axes, m: np.ndarray, classes: list[str], title: str) -> None:
-    """Counts in cells coloured by their share of the true class; empty cells left blank so the errors stand out."""
+    """Counts in their cells: right answers in blues by their share of the true class, confusions in reds scaled
+    to the worst one, so that the errors stand out; empty cells left blank."""
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    diagonal = np.eye(len(m), dtype=bool)
+    ax.imshow(np.ma.masked_where(~diagonal, share), cmap="Blues", vmin=0, vmax=1)
+    worst = share[~diagonal].max(initial=0)
+    ax.imshow(np.ma.masked_where(diagonal | (m == 0), share), cmap="Reds", vmin=0, vmax=max(worst, 1e-9) * 1.25)
     size = 11 if len(classes) <= 6 else max(6, 13 - len(classes) // 3)
     for (i, j), n in np.ndenumerate(m):
         if n:
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=size,
-                    color="white" if share[i, j] > 0.5 else "black")
+            dark = share[i, j] > 0.5 if i == j else share[i, j] > 0.6 * worst * 1.25
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=size, color="white" if dark else "black")
     ticks = range(len(classes))
     slanted = len(classes) > 3 or max(map(len, classes)) > 8
     ax.set_xticks(ticks, classes, rotation=45 if slanted else 0, ha="right" if slanted else "center",
