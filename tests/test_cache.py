@@ -80,7 +80,7 @@ def test_augmented_views_are_reproducible_and_differ(folder, tiny):
     run = tl.train(folder, strategy="feature-extraction", augment="standard", cache_views=3, **tiny)
     assert run.info["cache"] | {"hits": 0} == {"used": True, "views": 3, "augment": "standard", "hits": 0, "misses": 4}
     images = data.scan(folder)
-    view = lambda v: data.ImageDataset(images, run.preprocessing, "standard", seed=0)[5, v][0]  # noqa: E731
+    view = lambda v: feeds.ImageDataset(images, run.preprocessing, "standard", seed=0)[5, v][0]  # noqa: E731
     assert torch.equal(view(1), view(1)) and not torch.equal(view(0), view(1))
 
 

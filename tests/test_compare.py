@@ -278,7 +278,7 @@ def test_resume_needs_the_options_it_began_with(pair, tmp_path, capsys):
 
 
 def test_a_misspelled_compare_option_names_the_valid_one(folder, tmp_path):
-    with pytest.raises(TransferlabError, match="compare has no option 'unfreeze_block'; did you mean "
+    with pytest.raises(TransferlabError, match="unknown option 'unfreeze_block' for compare; did you mean "
                                                "'unfreeze_blocks'\\?"):
         tl.compare(folder, "partial", tmp_path / "c", unfreeze_block=2)
     with pytest.raises(TransferlabError, match="did you mean 'seeds'"):

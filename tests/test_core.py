@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import transferlab as tl
-from transferlab import backbones, cli, data, weights
+from transferlab import backbones, cli, data, feeds, weights
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.strategies import stages
@@ -49,7 +49,8 @@ def test_named_dataset_resolves_under_data_dir(tmp_path, monkeypatch):
     make_folder(tmp_path / "cats-vs-dogs" / "train", per_class=2)
     make_folder(tmp_path / "cats-vs-dogs" / "validation", per_class=2)
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path))
-    assert data.resolve("cats-vs-dogs") == (tmp_path / "cats-vs-dogs" / "train", tmp_path / "cats-vs-dogs" / "validation")
+    assert data.resolve("cats-vs-dogs") == data.Layout(tmp_path / "cats-vs-dogs" / "train",
+                                                       tmp_path / "cats-vs-dogs" / "validation")
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path / "elsewhere"))
     with pytest.raises(TransferlabError, match="transferlab data download cats-vs-dogs"):
         data.resolve("cats-vs-dogs")
@@ -253,7 +254,7 @@ def test_offline_imagenet_weights_and_preprocessing_recognise_real_photos():
     shipped = weights.read_state_dict(weights.package_file("tf_efficientnet_lite0"))
     files = [p for c in ("cats", "dogs") for p in sorted((SHARED / "validation" / c).glob("*.jpg"))[:15]]
     images = data.ImageSet(SHARED, ["cats", "dogs"], files, [0] * 15 + [1] * 15)
-    x = torch.stack([data.ImageDataset(images, built.pre)[i][0] for i in range(len(files))])
+    x = torch.stack([feeds.ImageDataset(images, built.pre)[i][0] for i in range(len(files))])
     with torch.no_grad():
         top = (built.model.eval().features(x).mean((2, 3)) @ shipped["_fc.weight"].T + shipped["_fc.bias"]).argmax(1)
     named = [0 if 281 <= c <= 285 else 1 if 151 <= c <= 268 else -1 for c in top.tolist()]
@@ -267,6 +268,6 @@ def test_download_unpacks_a_named_dataset_into_the_data_dir(tmp_path, monkeypatc
     monkeypatch.setattr(data.urllib.request, "urlretrieve", lambda url, to: shutil.copy(archive, to))
     monkeypatch.setenv("TRANSFERLAB_DATA", str(tmp_path / "datasets"))
     assert data.download("cats-vs-dogs") == tmp_path / "datasets" / "cats-vs-dogs"
-    assert data.resolve("cats-vs-dogs")[1] == tmp_path / "datasets" / "cats-vs-dogs" / "validation"
+    assert data.resolve("cats-vs-dogs").val == tmp_path / "datasets" / "cats-vs-dogs" / "validation"
     assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["cats-vs-dogs"]
     assert data.scan(tmp_path / "datasets" / "cats-vs-dogs" / "train").counts() == {"cats": 2, "dogs": 2}

@@ -115,7 +115,7 @@ def test_gpu_decoding_path_gives_the_cpu_paths_pixels(tmp_path):
     files = [*small, grey, turned, png, cmyk]
     cpu = _cpu(amp="off", workers=0)
     on_device = dataclasses.replace(cpu, gpu_decode=True)
-    assert data.is_plain_jpeg(grey) and not data.is_plain_jpeg(cmyk) and not data.is_plain_jpeg(png)
+    assert feeds.is_plain_jpeg(grey) and not feeds.is_plain_jpeg(cmyk) and not feeds.is_plain_jpeg(png)
     assert torch.equal(_decoded(files, on_device), _decoded(files, cpu))
     assert torch.equal(_decoded(files, on_device, "standard"), _decoded(files, cpu, "standard"))
 

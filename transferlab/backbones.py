@@ -7,6 +7,7 @@ its `forward_features`; that is checked on every build, so a wrong cut can never
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -97,8 +98,10 @@ def _timm_model(name: str) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False)
     except RuntimeError:
+        guess = difflib.get_close_matches(name, [*LISTED, *timm.list_models()], 1, cutoff=0.7)
         raise TransferlabError(
-            f"unknown backbone {name!r}; try one of {', '.join(LISTED)} or any timm model name"
+            f"unknown backbone {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else "")
+            + f" (listed: {', '.join(LISTED)}; any timm model name works)"
         ) from None
 
 

@@ -15,11 +15,14 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_dir() -> Path:
@@ -70,7 +73,7 @@ class FeatureCache:
         name = digest(key)
         array, tmp, pos = None, None, 0
         for x, _ in batches:
-            out = fn(x).to(torch.float16).numpy()
+            out = fn(x).half().numpy()
             if array is None:
                 shape = (count, *out.shape[1:])
                 nbytes = int(np.prod(shape)) * 2

@@ -91,45 +91,49 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+DATA_HELP = ("folder of class sub-folders, a dataset root holding train/ and validation/ (or val/, valid/; "
+             "test/ is used too), or a dataset name (cats-vs-dogs)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="transferlab", description="Transfer learning on folders of labelled images.")
+    parser.add_argument("--version", action="version", version=f"transferlab {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train a classifier and save a run directory")
-    train.add_argument("--data", default=argparse.SUPPRESS,
-                       help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
+    train.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     add_config_flags(train)
     train.add_argument("--out", help="run directory to create")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with the options it began with")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a saved run on a labelled folder")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    evaluate.add_argument("--data", required=True, help="labelled folder with the run's class sub-folders")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     predict = commands.add_parser("predict", help="label new images with a saved run")
-    predict.add_argument("run_dir")
-    predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image for multi-class models")
+    predict.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched for images")
+    predict.add_argument("--top-k", type=int, help="classes listed per image, most likely first (default: 3 for "
+                                                   "multi-class models, 1 for two classes; at most all classes)")
     fmt = predict.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    fmt.add_argument("--csv", action="store_true", help="print CSV: path, label, probability, error")
 
     data_cmd = commands.add_parser("data", help="inspect or download datasets")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     check = data_sub.add_parser("check", help="classes, counts, and the files that would be skipped and why")
-    check.add_argument("folder")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("folder", help=DATA_HELP)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--max-pixels", type=int, default=TrainConfig.max_pixels, help=HELP["max_pixels"])
     download = data_sub.add_parser("download", help="fetch a named dataset (needs the network)")
-    download.add_argument("name")
+    download.add_argument("name", help="cats-vs-dogs")
 
     compare = commands.add_parser(
         "compare", help="train several strategies, depths, training sizes or seeds on the same data and report what "
         "the difference is worth")
-    compare.add_argument("--data", default=argparse.SUPPRESS,
-                         help="folder of class sub-folders, or a dataset name (cats-vs-dogs)")
+    compare.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     compare.add_argument("--strategies", help="comma-separated, e.g. feature-extraction,partial,full,two-stage,scratch "
                                               "(default with --unfreeze-blocks: partial)")
     compare.add_argument("--unfreeze-blocks", dest="depths", metavar="N,...",
@@ -149,8 +153,14 @@ def build_parser() -> Parser:
                                                          "with")
 
     listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 # ---------------------------------------------------------------- commands
@@ -212,27 +222,39 @@ def cmd_predict(args) -> int:
             if "error" in r:
                 print(f"{r['path']}\terror: {r['error']}")
             else:
-                others = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:]) if len(r["top"]) > 2 else ""
+                others = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
                 print(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}\t{others}".rstrip())
     return 0 if any("error" not in r for r in rows) else 1
 
 
 def cmd_data(args) -> int:
-    from . import data
+    from . import cache, data
 
     if args.data_command == "download":
         print(f"downloaded to {data.download(args.name)}")
         return 0
-    images = data.scan(args.folder, max_pixels=args.max_pixels)
-    summary = images.summary()
+    layout = data.resolve(args.folder)
+    found, classes = {}, None
+    for name, folder in layout.splits.items():
+        found[name] = data.scan(folder, classes, args.max_pixels, record=cache.scan_record(folder))
+        classes = found[name].classes  # every split is read against the training classes
     if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"{len(images)} usable images in {len(images.classes)} classes: "
-          + ", ".join(f"{c} {n}" for c, n in summary["counts"].items()))
-    for s in images.skipped:
-        print(f"skipped {s.path}: {s.reason}")
-    return 0
+        summaries = {name: images.summary() for name, images in found.items()}
+        print(json.dumps(summaries["train"] if len(found) == 1 else {"splits": summaries}))
+    else:
+        for name, images in found.items():
+            counts = images.counts()
+            print(("" if len(found) == 1 else f"{name} ({layout.splits[name]}): ")
+                  + f"{len(images)} usable images in {len(images.classes)} classes: "
+                  + ", ".join(f"{c} {n}" for c, n in counts.items()))
+            for s in images.skipped:
+                print(f"skipped {s.path}: {s.reason}")
+    empty = [f"{name}/{c}" if len(found) > 1 else c
+             for name, images in found.items() for c, n in images.counts().items() if n == 0]
+    if empty:
+        print(f"transferlab: warning: no usable images for class(es) {', '.join(empty)}: a run cannot train on this",
+              file=sys.stderr)
+    return 1 if empty else 0
 
 
 def cmd_backbones(args) -> int:
@@ -242,10 +264,10 @@ def cmd_backbones(args) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'name':<24}{'blocks':>7}{'params':>10}  imagenet offline  blocks")
+    print(f"{'name':<24}{'params':>8}  imagenet offline  blocks (input first)")
     for r in rows:
-        print(f"{r['name']:<24}{len(r['blocks']):>7}{r['params'] / 1e6:>9.1f}M  {'yes' if r['imagenet_offline'] else 'no':<17} "
-              + " ".join(r["blocks"]))
+        print(f"{r['name']:<24}{r['params'] / 1e6:>7.1f}M  {'yes' if r['imagenet_offline'] else 'no':<17} "
+              + f"{len(r['blocks'])}: " + " ".join(r["blocks"]))
     return 0
 
 
@@ -289,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a permission or a full disk: the system's words suffice
         print(f"transferlab: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # training's says how to continue
-        print(f"transferlab: {e or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's says how to continue; a bare Ctrl-C has no words
+        print(f"transferlab: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -6,9 +6,11 @@ modules check against live here.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .errors import TransferlabError
 from .strategies import STRATEGIES
@@ -85,6 +87,17 @@ class TrainConfig:
                 raise TransferlabError(message)
         if self.strategy == "scratch":
             self.weights = "none"
+
+    @classmethod
+    def from_options(cls, data: str | Path, **options) -> TrainConfig:
+        """A config from the Python API's keyword options; a misspelled one is named with what it may mean."""
+        known = [f.name for f in fields(cls) if f.name != "data"]
+        for name in options:
+            if name not in known:
+                guess = difflib.get_close_matches(name, known, 1)
+                raise TransferlabError(f"unknown option {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else "")
+                                       + f" (options: {', '.join(known)})")
+        return cls(data=str(data), **options)
 
     @property
     def bn_frozen(self) -> bool:

@@ -1,4 +1,4 @@
-"""Image folders: find images, decode them safely, skip bad files with a reason, split, transform.
+"""Image folders: find images, decode them safely, skip bad files with a reason, split.
 
 Nothing here writes to the user's folder: files are only ever opened for reading.
 """
@@ -17,11 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
-from torchvision.io import read_file
-from torchvision.transforms import v2
 
 from .config import DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
@@ -254,6 +250,8 @@ def require_trainable(images: ImageSet, what: str = "training data") -> None:
 
 def split(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Stratified, seeded train/validation split."""
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(images))
     try:
         train_idx, val_idx = train_test_split(
@@ -284,116 +282,66 @@ def data_dir() -> Path:
     return Path(os.environ.get("TRANSFERLAB_DATA", Path.home() / ".cache" / "transferlab" / "data"))
 
 
-def resolve(data: str) -> tuple[Path, Path | None]:
-    """A folder as given, or a dataset name -> (train folder, validation folder or None)."""
-    if data in NAMED_DATASETS and not Path(data).exists():
-        base = data_dir() / data
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset's images are: `train`, and its `val` and `test` folders when it has them."""
+
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+
+    @property
+    def splits(self) -> dict[str, Path]:
+        return {name: path for name, path in (("train", self.train), ("validation", self.val), ("test", self.test))
+                if path is not None}
+
+
+VALIDATION_NAMES = ("validation", "val", "valid")
+
+
+def split_layout(root: Path) -> Layout | None:
+    """A dataset root holding `train/` and `validation/` (or `val/`, `valid/`), perhaps `test/`: its splits;
+    None for a plain folder of class sub-folders."""
+    val = next((root / name for name in VALIDATION_NAMES if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or val is None:
+        return None
+    return Layout(root / "train", val, root / "test" if (root / "test").is_dir() else None)
+
+
+def resolve(data: str | Path) -> Layout:
+    """A folder of class sub-folders, a dataset root with split folders, or a dataset name -> its layout."""
+    if str(data) in NAMED_DATASETS and not Path(data).exists():
+        base = data_dir() / str(data)
         if not (base / "train").is_dir():
             raise TransferlabError(
                 f"dataset {data!r} is not in {data_dir()}: run `transferlab data download {data}` "
                 "or set TRANSFERLAB_DATA to the folder that holds it"
             )
-        return base / "train", (base / "validation") if (base / "validation").is_dir() else None
-    return Path(data), None
+        return split_layout(base) or Layout(base / "train")
+    return split_layout(Path(data)) or Layout(Path(data))
 
 
 def download(name: str) -> Path:
-    """Fetch a named dataset into the data dir (needs the network)."""
+    """Fetch a named dataset into the data dir (needs the network). Nothing is left behind if it fails."""
+    import tempfile
+
     if name not in NAMED_DATASETS:
         raise TransferlabError(f"unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)}")
     target = data_dir() / name
     if (target / "train").is_dir():
         return target
     url = NAMED_DATASETS[name]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    archive = target.parent / (name + ".download")
-    try:
-        urllib.request.urlretrieve(url, archive)
-    except OSError as e:
-        raise TransferlabError(
-            f"could not download {name} from {url} ({e.__class__.__name__}): connect to the internet, "
-            f"or put the images in {target}/{{train,validation}}/<class>/"
-        ) from None
-    tmp = target.parent / (name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as z:  # extractall keeps every member inside `tmp`
-        z.extractall(tmp)
-    next(p for p in tmp.rglob("train") if p.is_dir()).parent.rename(target)
-    shutil.rmtree(tmp)
-    archive.unlink()
+    with tempfile.TemporaryDirectory(prefix="transferlab-download-") as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except OSError as e:
+            raise TransferlabError(
+                f"could not download {name} from {url} ({e.__class__.__name__}): connect to the internet, "
+                f"or put the images in {target}/{{train,validation}}/<class>/"
+            ) from None
+        with zipfile.ZipFile(archive) as z:  # extractall keeps every member inside `tmp`
+            z.extractall(Path(tmp) / "unpacked")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(next(p for p in (Path(tmp) / "unpacked").rglob("train") if p.is_dir()).parent, target)
     return target
-
-
-# ---------------------------------------------------------------- tensors
-
-
-def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
-    """PIL image or uint8 CHW tensor (on any device) -> uint8 CHW tensor at the backbone's size; augmentation
-    (training only) after the crop.
-
-    Normalisation is not here: the model owns its mean/std, so batches travel between processes as
-    uint8 (4x less to copy) and an exported model cannot be fed wrongly normalised images.
-    """
-    interpolation = v2.InterpolationMode(pre.interpolation)
-    steps = [v2.PILToTensor(), v2.Resize(pre.resize, interpolation, antialias=True), v2.CenterCrop(pre.size)]
-    if augment in ("light", "standard"):
-        steps.append(v2.RandomHorizontalFlip())
-    if augment == "standard":  # what the Keras notebooks use: rotation 20 deg, zoom 10%, contrast 10%
-        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1)),  # bilinear: tensors have no bicubic affine
-                  v2.ColorJitter(contrast=0.1)]
-    return v2.Compose(steps)
-
-
-def is_plain_jpeg(path: Path) -> bool:
-    """A JPEG in RGB or greyscale: what a GPU decoder turns into the same pixels as Pillow (CMYK and the rest
-    go through Pillow's conversions)."""
-    try:
-        with Image.open(path) as im:
-            return im.format == "JPEG" and im.mode in ("RGB", "L")
-    except Exception:
-        return False
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 image tensor, label) pairs, keyed by index or (index, view).
-
-    With augmentation, view v of image i is drawn with the RNG seeded by (seed, v, i): a training epoch's
-    augmentation (view = epoch) is the same with or without worker processes, after a resume, on the GPU
-    decoding path, and as a cached view.
-    """
-
-    def __init__(self, images: ImageSet, pre: Preprocessing, augment: str = "none",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
-        self.images, self.pre, self.max_pixels = images, pre, max_pixels
-        self.augment, self.transform, self.seed = augment, transforms(pre, augment), seed
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        i = key[0] if isinstance(key, tuple) else key
-        return self.finish(self.decode(i), key), self.images.labels[i]
-
-    def decode(self, i: int) -> Image.Image:
-        return load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
-
-    def finish(self, image: Image.Image | torch.Tensor, key: int | tuple[int, int]) -> torch.Tensor:
-        """Resize, crop and (seeded) augment a decoded image."""
-        if self.augment == "none":
-            return self.transform(image)
-        i, view = key if isinstance(key, tuple) else (key, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, view, i)) & 0x7FFFFFFF)
-            return self.transform(image)
-
-
-class EncodedDataset(ImageDataset):
-    """For decoding on the GPU: a plain JPEG's file bytes, left encoded; any other image decoded and finished
-    here as `ImageDataset` does. Items are (payload, label, key, encoded)."""
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int | tuple[int, int], bool]:
-        i = key[0] if isinstance(key, tuple) else key
-        path = self.images.files[i]
-        if is_plain_jpeg(path):
-            return read_file(str(path)), self.images.labels[i], key, True
-        return *super().__getitem__(key), key, False

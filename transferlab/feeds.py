@@ -20,19 +20,93 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import v2
 
 from . import cache, weights
 from .cache import FeatureCache
-from .config import TrainConfig
-from .data import EncodedDataset, ImageDataset, ImageSet, Preprocessing
+from .config import DEFAULT_MAX_PIXELS, TrainConfig
+from .data import ImageSet, Preprocessing, load_image
 from .devices import Device
 from .model import Built
-from .progress import bar
+from .progress import bar, note
 from .splits import Splits
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def transforms(pre: Preprocessing, augment: str = "none") -> v2.Compose:
+    """PIL image or uint8 CHW tensor (on any device) -> uint8 CHW tensor at the backbone's size; augmentation
+    (training only) after the crop.
+
+    Normalisation is not here: the model owns its mean/std, so batches travel between processes as
+    uint8 (4x less to copy) and an exported model cannot be fed wrongly normalised images.
+    """
+    interpolation = v2.InterpolationMode(pre.interpolation)
+    steps = [v2.PILToTensor(), v2.Resize(pre.resize, interpolation, antialias=True), v2.CenterCrop(pre.size)]
+    if augment in ("light", "standard"):
+        steps.append(v2.RandomHorizontalFlip())
+    if augment == "standard":  # what the Keras notebooks use: rotation 20 deg, zoom 10%, contrast 10%
+        steps += [v2.RandomAffine(degrees=20, scale=(0.9, 1.1)),  # bilinear: tensors have no bicubic affine
+                  v2.ColorJitter(contrast=0.1)]
+    return v2.Compose(steps)
+
+
+def is_plain_jpeg(path: Path) -> bool:
+    """A JPEG in RGB or greyscale: what a GPU decoder turns into the same pixels as Pillow (CMYK and the rest
+    go through Pillow's conversions)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and im.mode in ("RGB", "L")
+    except Exception:
+        return False
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 image tensor, label) pairs, keyed by index or (index, view).
+
+    With augmentation, view v of image i is drawn with the RNG seeded by (seed, v, i): a training epoch's
+    augmentation (view = epoch) is the same with or without worker processes, after a resume, on the GPU
+    decoding path, and as a cached view.
+    """
+
+    def __init__(self, images: ImageSet, pre: Preprocessing, augment: str = "none",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
+        self.images, self.pre, self.max_pixels = images, pre, max_pixels
+        self.augment, self.transform, self.seed = augment, transforms(pre, augment), seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i = key[0] if isinstance(key, tuple) else key
+        return self.finish(self.decode(i), key), self.images.labels[i]
+
+    def decode(self, i: int) -> Image.Image:
+        return load_image(self.images.files[i], self.max_pixels, draft=self.pre.resize)
+
+    def finish(self, image: Image.Image | torch.Tensor, key: int | tuple[int, int]) -> torch.Tensor:
+        """Resize, crop and (seeded) augment a decoded image."""
+        if self.augment == "none":
+            return self.transform(image)
+        i, view = key if isinstance(key, tuple) else (key, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, view, i)) & 0x7FFFFFFF)
+            return self.transform(image)
+
+
+class EncodedDataset(ImageDataset):
+    """For decoding on the GPU: a plain JPEG's file bytes, left encoded; any other image decoded and finished
+    here as `ImageDataset` does. Items are (payload, label, key, encoded)."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int | tuple[int, int], bool]:
+        i = key[0] if isinstance(key, tuple) else key
+        path = self.images.files[i]
+        if is_plain_jpeg(path):
+            return read_file(str(path)), self.images.labels[i], key, True
+        return *super().__getitem__(key), key, False
 
 
 class Feed(Protocol):
@@ -138,6 +212,19 @@ class ImageFeed:
         return self.validation
 
 
+class Batches:
+    """Batches made as they are iterated, with their count known, so that a progress bar shows an ETA."""
+
+    def __init__(self, batches: Iterable[Batch], count: int):
+        self.batches, self.count = batches, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
 class CachedFeed:
     """Batches of cached block-`start` features (start 0: decoded images); epoch e draws augmented view e % views."""
 
@@ -147,17 +234,19 @@ class CachedFeed:
         self.labels, self.val_labels = torch.tensor(labels), torch.tensor(val_labels)
         self.config, self.device = config, device
 
-    def _batches(self, features: np.ndarray, labels: torch.Tensor, order: list[int], size: int) -> Iterator[Batch]:
-        for i in range(0, len(order), size):
-            idx = order[i:i + size]
-            x = self.device.put(torch.from_numpy(features[idx]))
-            yield x.float() if x.dtype == torch.float16 else x, labels[idx].to(self.device.device)
+    def _batches(self, features: np.ndarray, labels: torch.Tensor, order: list[int], size: int) -> Batches:
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
+        return Batches((self._batch(features[idx], labels[idx]) for idx in chunks), len(chunks))
 
-    def train(self, epoch: int) -> Iterator[Batch]:
+    def _batch(self, features: np.ndarray, labels: torch.Tensor) -> Batch:
+        x = self.device.put(torch.from_numpy(features))
+        return x.float() if x.dtype == torch.float16 else x, labels.to(self.device.device)
+
+    def train(self, epoch: int) -> Batches:
         order = epoch_order(len(self.labels), self.config.seed, epoch)
         return self._batches(self.views[epoch % len(self.views)], self.labels, order, self.config.batch_size)
 
-    def val(self) -> Iterator[Batch]:
+    def val(self) -> Batches:
         order = list(range(len(self.val_labels)))
         return self._batches(self.val_features, self.val_labels, order, self.device.inference_batch)
 
@@ -199,6 +288,8 @@ class Features:
             with torch.no_grad(), self.device.autocast():
                 return model.features(x, start, block).float().cpu()
 
+        note(f"computing the frozen blocks' features of {len(images):,} images once (block {block}"
+             + (f", augmented view {view}" if augment != "none" else "") + "); later epochs and runs read them")
         progress = bar(batches, f"caching block {block} features", total=-(-len(images) // n))
         return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
 

@@ -28,7 +28,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, Multiple
 from sklearn import metrics as skm
 
 from .compare import Comparison, Row
-from .data import ImageDataset
+from .feeds import ImageDataset
 from .model import Classifier
 from .predict import probabilities
 from .runs import write_atomic

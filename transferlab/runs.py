@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from . import data, devices, metrics
+from . import data, devices
 from .config import TrainConfig
 from .devices import Device
 from .errors import TransferlabError
@@ -104,13 +106,23 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing directory unless asked, and never one that is not a transferlab run."""
+    """Before any work: refuse to clobber an existing directory unless asked, never one that is not a
+    transferlab run, and fail now, not after training, where `path` could not be written at all."""
     occupied = any(path.iterdir()) if path.is_dir() else path.exists()
-    if occupied:
-        if not overwrite:
-            raise TransferlabError(f"{path} already exists; pass --overwrite to replace it")
-        if not (path / "config.json").is_file():
-            raise TransferlabError(f"{path} is not a transferlab run directory; refusing to overwrite it")
+    if occupied and not (path / "config.json").is_file():
+        raise TransferlabError(f"{path} exists and is not a transferlab run directory; choose another --out")
+    if occupied and not overwrite:
+        raise TransferlabError(f"{path} already exists; pass --overwrite to replace it")
+    folder = path.parent
+    while not folder.exists():  # the nearest folder that exists is where writing would start
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise TransferlabError(f"cannot write {path}: {folder}: {e.strerror or e}") from None
 
 
 def inference_device(config: TrainConfig) -> Device:
@@ -173,7 +185,8 @@ class Run:
             config = TrainConfig.from_dict(meta["config"])
             info = {k: v for k, v in meta.items() if k not in ("format", "config")}
             state = load_file(str(path / "model.safetensors"))
-            history = list(csv.DictReader(io.StringIO((path / "history.csv").read_text())))
+            history = [{k: _number(v) for k, v in row.items()}
+                       for row in csv.DictReader(io.StringIO((path / "history.csv").read_text()))]
             split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
             run_metrics = json.loads((path / "metrics.json").read_text())
             device = inference_device(config)
@@ -205,35 +218,88 @@ class Run:
 
     def evaluate(self, folder: str | Path) -> dict:
         """Metrics on a labelled folder whose class names match the training classes."""
+        from .metrics import evaluate as measure  # scikit-learn loads only for this
+
         images = data.scan(folder, classes=self.classes, max_pixels=self.config.max_pixels)
         if not len(images):
             raise TransferlabError(f"no usable images in {folder}")
-        result = metrics.evaluate(self.probabilities(images), np.array(images.labels), self.classes)
+        result = measure(self.probabilities(images), np.array(images.labels), self.classes)
         return result | {"skipped": [{"path": s.path, "reason": s.reason} for s in images.skipped]}
 
-    def predict(self, paths: list[str | Path], top_k: int = 3) -> list[dict]:
-        """Label and probability per image (top-k for multi-class); unreadable files get an `error`."""
-        files, rows = [], []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.is_file() and data.is_candidate(f)
-                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            else:
-                files.append(p)
-        good = []
+    def predict(self, paths: str | Path | Iterable[str | Path], top_k: int | None = None,
+                errors: str = "row") -> list[dict]:
+        """Label and probability per image, for one image or folder or several.
+
+        Each row lists the `top_k` most likely classes (default 3, or 1 for a two-class model; at most every
+        class). A file that cannot be used gets a row with its `error`, or with errors="raise" stops the call.
+        """
+        if errors not in ("row", "raise"):
+            raise TransferlabError(f"errors must be 'row' or 'raise', got {errors!r}")
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        top_k = min(top_k or (3 if len(self.classes) > 2 else 1), len(self.classes))
+        if top_k < 1:
+            raise TransferlabError("--top-k must be a positive number")
+        files = _image_files(map(Path, paths))
+        if not files:
+            raise TransferlabError(f"no images found in {', '.join(map(str, paths))}")
+        rows, good = [], []
         for f in files:
             try:
                 data.load_image(f, self.config.max_pixels)
                 good.append(f)
                 rows.append({"path": str(f)})
             except data.BadImage as e:
+                if errors == "raise":
+                    raise TransferlabError(f"{f}: {e}") from None
                 rows.append({"path": str(f), "error": str(e)})
         if good:
             probs = iter(self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
             for row in rows:
                 if "error" not in row:
                     p = next(probs)
-                    order = np.argsort(-p)[: min(top_k, len(self.classes))]
+                    order = np.argsort(-p)[:top_k]
                     row |= {"label": self.classes[order[0]], "probability": float(p[order[0]]),
                             "top": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
         return rows
+
+    def __repr__(self) -> str:
+        accuracy = self.metrics.get("accuracy")
+        return (f"Run({self.config.backbone}, {self.config.strategy}, classes={self.classes}, "
+                f"val_accuracy={accuracy:.4f}, path={str(self.path) if self.path else None!r})")
+
+    def _repr_html_(self) -> str:
+        """A card for Jupyter: what was trained, on what, and how well."""
+        from html import escape
+
+        m, counts = self.metrics, self.info["data"]["counts"]
+        rows = [("backbone", f"{self.config.backbone} ({self.info['backbone']['weights']})"),
+                ("strategy", self.config.strategy), ("classes", ", ".join(self.classes)),
+                ("images", ", ".join(f"{split} {sum(c.values()):,}" for split, c in counts.items())),
+                ("validation", f"accuracy {m['accuracy']:.4f}, f1 {m['f1']:.4f}, log loss {m['log_loss']:.4f}"),
+                ("trained", f"{len(self.history)} epochs, best {self.info['best_epoch']}, "
+                            f"{self.info['train_seconds']:.1f} s on {self.info.get('device', {}).get('name', '?')}"),
+                ("path", str(self.path) if self.path else "not saved")]
+        return "<table>" + "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>"
+                                   f"{escape(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _image_files(paths: Iterable[Path]) -> list[Path]:
+    """Each path as given, or for a folder the images under it (hidden files and OS junk aside), sorted."""
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and data.is_candidate(f)
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            files.append(p)
+    return files
+
+
+def _number(value: str) -> int | float | str:
+    """A history.csv cell as what it was: an int, a float, or text."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import cache, data
 from .config import TrainConfig
 from .data import ImageSet
+from .progress import note
 
 
 @dataclass
@@ -47,9 +48,15 @@ def load_splits(config: TrainConfig, test: str | None = None) -> Splits:
     def scan(folder: str | Path, classes: list[str] | None = None) -> ImageSet:
         return data.scan(folder, classes, config.max_pixels, config.workers, cache.scan_record(folder, cache_dir))
 
-    train_dir, named_val = data.resolve(config.data)
-    images = scan(train_dir)
-    val_dir = config.val or (named_val and str(named_val))
+    layout = data.resolve(config.data)
+    if layout.val is not None:  # a dataset root: say which folder is used for what
+        used = {"training": layout.train} | ({"validation": layout.val} if not config.val else {}) \
+            | ({"testing": layout.test} if layout.test and test is None else {})
+        note(f"{layout.train.parent} holds split folders: "
+             + ", ".join(f"{path.name}/ for {role}" for role, path in used.items()))
+    test = test or (layout.test and str(layout.test))
+    images = scan(layout.train)
+    val_dir = config.val or (layout.val and str(layout.val))
     if val_dir:
         train_set = images
         val_set = scan(val_dir, images.classes)

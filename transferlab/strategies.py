@@ -8,10 +8,12 @@ learns at 1e-3. `lr_decay` < 1 gives each earlier trained block a further factor
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import TransferlabError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 STRATEGIES = ("feature-extraction", "partial", "full", "two-stage", "scratch")
 HEAD_LR = 1e-3

@@ -284,9 +284,9 @@ def options(given: dict) -> tuple[dict, dict]:
     valid = fields + list(SWEEP_OPTIONS) + ["test", "overwrite", "resume"]
     for name in given:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TransferlabError(f"compare has no option {name!r}; {hint}valid options: {', '.join(sorted(valid))}")
+            guess = difflib.get_close_matches(name, valid, 1)
+            raise TransferlabError(f"unknown option {name!r} for compare" + (f"; did you mean {guess[0]!r}?" if guess
+                                                                              else "") + f" (options: {', '.join(valid)})")
     return ({k: v for k, v in given.items() if k in fields and k != "unfreeze_blocks"},
             {k: v for k, v in given.items() if k in SWEEP_OPTIONS[1:]})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import socket
+import warnings
 from pathlib import Path
 
 import timm
@@ -52,9 +53,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TransferlabError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # the unpickler's warnings about protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # never pass on PyTorch's advice to load with weights_only=False: that runs code
+        reason = "not a safetensors file" if path.suffix == ".safetensors" else f"{type(e).__name__}"
+        raise TransferlabError(f"cannot read weights from {path}: it is not a state dict of tensors ({reason}); "
+                               "transferlab loads tensors only, never code") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TransferlabError(f"{path} is not a state dict of tensors")
@@ -99,9 +104,11 @@ def load(model: nn.Module, name: str, spec: str) -> str:
         _fit(model, read_state_dict(path), str(path))
         return f"imagenet (package {PACKAGES[name][0]})"
     if not _hub_cached(name) and not _online():
+        installed = [n for n in PACKAGES if name in n]  # efficientnet_lite0 -> tf_efficientnet_lite0
         raise TransferlabError(
             f"ImageNet weights for {name} are not on this machine and there is no network to download them: "
-            "run once with internet access to cache them, or pass --weights PATH to a state-dict file"
+            + (f"did you mean {installed[0]}, whose weights are installed? Else " if installed else "")
+            + "run once with internet access to cache them, or pass --weights PATH to a state-dict file"
         )
     try:
         pretrained = timm.create_model(name, pretrained=True)
