@@ -18,7 +18,7 @@ from torch import nn
 
 import transferlab as tl
 from transferlab import cli, studies, training
-from transferlab.compare import Point, training_order
+from transferlab.comparison import Point, training_order
 from transferlab.data import Preprocessing
 from transferlab.errors import TransferlabError
 from transferlab.model import Classifier, create_head

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 import transferlab as tl
 from transferlab import report
-from transferlab.compare import Comparison, Row, Scores, Sweep
+from transferlab.comparison import Comparison, Row, Scores, Sweep
 from transferlab.data import ImageSet
 from transferlab.errors import TransferlabError
 from transferlab.report import View

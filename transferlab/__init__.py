@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import TransferlabError
 
 if TYPE_CHECKING:
-    from .compare import Comparison
+    from .comparison import Comparison
     from .runs import Run
 
 __all__ = ["TrainConfig", "TransferlabError", "Run", "Comparison", "train", "resume", "load", "compare"]
@@ -81,7 +81,7 @@ def __getattr__(name: str):
 
         return Run
     if name == "Comparison":
-        from .compare import Comparison
+        from .comparison import Comparison
 
         return Comparison
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")

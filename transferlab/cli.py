@@ -273,7 +273,7 @@ def cmd_backbones(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import studies
-    from .compare import format_table
+    from .comparison import format_table
     from .report import View, recommendation_notes, summary_table, write
 
     given = {f.name for f in fields(TrainConfig)} & set(vars(args))  # flags not given are suppressed

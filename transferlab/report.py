@@ -27,7 +27,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, MultipleLocator
 from sklearn import metrics as skm
 
-from .compare import Comparison, Row
+from .comparison import Comparison, Row
 from .feeds import ImageDataset
 from .model import Classifier
 from .predict import probabilities

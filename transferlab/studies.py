@@ -32,7 +32,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from . import backbones, devices
-from .compare import (Comparison, Failure, Folder, Point, Row, Sweep, to_csv_rows, train_point, training_order)
+from .comparison import (Comparison, Failure, Folder, Point, Row, Sweep, to_csv_rows, train_point, training_order)
 from .config import TrainConfig
 from .data import ImageSet
 from .errors import TransferlabError
