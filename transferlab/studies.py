@@ -194,36 +194,18 @@ def _as_dicts(began: tuple) -> tuple:
 
 def _sweep(folder: Folder, config: TrainConfig, sweep_: Sweep, points: list[Point], test: str | None,
            rows: list[Row], failures: list[Failure], fingerprint: str | None, finish: Finish | None) -> Comparison:
+    """Train the points not yet done, then write the comparison (and, through `finish`, its report) and put it
+    in place of OUT."""
     with _cleanup_if_empty(folder, rows, failures), _sigterm_interrupts():
         device = devices.resolve(config)
         splits = load_splits(config, test)
         if fingerprint and splits.fingerprint() != fingerprint:
             raise TransferlabError(f"the images for {folder.out} changed since it was interrupted, so it cannot "
                                    "continue as it began; start again with --overwrite")
-        subsets = nested_subsets(splits.train, sweep_.sizes, config.seed)
-        store = feature_store(config)
         c = Comparison(config, sweep_, splits, backbones.block_names(config.backbone), device.describe(), rows,
                        failures, folder.staging)
         record = {"test": test, "fingerprint": splits.fingerprint()}
-        done = {r.name for r in rows} | {f.name for f in failures}
-        for point in training_order(points):
-            if point.name in done:
-                continue
-            done.add(point.name)
-            note(f"== {point.name} ({len(done)}/{len(points)}) ==")
-            row = None
-            try:
-                row = train_point(point, dataclasses.replace(splits, train=subsets[point.train_size]),
-                                  folder.staging, store, device)
-                rows.append(row)
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted with {len(rows) + len(failures)} of {len(points)} points done: "
-                                  f"continue with `transferlab compare --resume {folder.out}`") from None
-            except Exception as e:  # recorded, and the sweep goes on
-                failures.append(Failure(point.name, point.configuration, point.train_size, point.config.seed,
-                                        str(e).splitlines()[0] if str(e) else type(e).__name__))
-                note(f"{point.name} failed: {failures[-1].error}")
-            folder.save(c.document() | record | {"complete": False}, row)
+        _train_points(c, points, folder, record, device)
         if not rows:
             raise TransferlabError(f"every point failed; the first: {failures[0].name}: {failures[0].error}")
         order = [p.name for p in points]
@@ -236,6 +218,33 @@ def _sweep(folder: Folder, config: TrainConfig, sweep_: Sweep, points: list[Poin
         folder.commit()
         c.out = folder.out
         return c
+
+
+def _train_points(c: Comparison, points: list[Point], folder: Folder, record: dict, device) -> None:
+    """Each point not yet done, shallowest frozen prefix first, on its training subset and the shared feature
+    store; progress recorded after each. A failure is recorded and the sweep goes on; Ctrl-C says how to resume."""
+    subsets = nested_subsets(c.splits.train, c.sweep.sizes, c.config.seed)
+    store = feature_store(c.config)
+    rows, failures = c.rows, c.failures
+    done = {r.name for r in rows} | {f.name for f in failures}
+    for point in training_order(points):
+        if point.name in done:
+            continue
+        done.add(point.name)
+        note(f"== {point.name} ({len(done)}/{len(points)}) ==")
+        row = None
+        try:
+            row = train_point(point, dataclasses.replace(c.splits, train=subsets[point.train_size]), folder.staging,
+                              store, device)
+            rows.append(row)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted with {len(rows) + len(failures)} of {len(points)} points done: "
+                              f"continue with `transferlab compare --resume {folder.out}`") from None
+        except Exception as e:  # recorded, and the sweep goes on
+            failures.append(Failure(point.name, point.configuration, point.train_size, point.config.seed,
+                                    str(e).splitlines()[0] if str(e) else type(e).__name__))
+            note(f"{point.name} failed: {failures[-1].error}")
+        folder.save(c.document() | record | {"complete": False}, row)
 
 
 @contextlib.contextmanager
