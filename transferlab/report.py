@@ -545,7 +545,7 @@ def render_markdown(title: str, sections: list[Section], captions: dict[str, str
 # ---------------------------------------------------------------- plots
 
 
-def accuracy_axis(ax: Axes, images: int, label: str) -> None:
+def accuracy_axis(ax: Axes, images: int, label: str, compact: bool = False) -> None:
     """Percent ticks no finer than one image's worth, a span of at least MIN_SPAN_IMAGES images (so a one-image
     difference never looks like a cliff), and a label that says what one image is worth."""
     step = 1 / images
@@ -558,7 +558,8 @@ def accuracy_axis(ax: Axes, images: int, label: str) -> None:
     ticks = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
     ax.yaxis.set_major_locator(MultipleLocator(max(step, ticks[1] - ticks[0])))
     ax.yaxis.set_major_formatter(PERCENT)
-    ax.set_ylabel(f"{label}\n({images:,} images; one image = {100 * step:.2g} points)")
+    worth = f"{100 * step:.2g} points"
+    ax.set_ylabel(f"{label}, 1 image = {worth}" if compact else f"{label}\n({images:,} images; one image = {worth})")
 
 
 def _figures(v: View) -> dict[str, tuple[str, Figure]]:
@@ -592,8 +593,8 @@ def _figures(v: View) -> dict[str, tuple[str, Figure]]:
                        "right answers in blue by their share of the true class (rows), confusions in red, darkest for "
                        "the most frequent; empty where zero."), _confusions(v)),
         "roc": (f"ROC curves on the validation set{averaged}; on the right, the corner where they differ.", _roc(v)),
-        "accuracy_vs_time": ("Validation accuracy against the training epochs' time: up and to the left is better."
-                             + _shared_features(main) + seeds, _accuracy_vs_time(v)),
+        "accuracy_vs_time": ("Validation accuracy against the training epochs' time (the one-off frozen-prefix pass "
+                             "not counted): up and to the left is better." + seeds, _accuracy_vs_time(v)),
         "blocks": ("Which blocks each configuration trains (green) and keeps frozen (grey), per stage.",
                    _blocks(main, c.blocks)),
     }
@@ -611,16 +612,6 @@ def _figures(v: View) -> dict[str, tuple[str, Figure]]:
 
 def _seed_note(v: View) -> str:
     return f" One line per configuration: its first seed ({v.main[0].seed})." if v.seeds > 1 else ""
-
-
-def _shared_features(rows: list[Row]) -> str:
-    """Which configurations paid for the frozen-prefix features that others then read, when some did."""
-    computed = [r.configuration for r in rows if r.features_computed]
-    readers = [r.configuration for r in rows if not r.features_computed and any(s.frozen for s in r.stages)]
-    if not computed or not readers:
-        return ""
-    return (f" The total time of {', '.join(computed)} includes computing frozen-prefix features that "
-            f"{', '.join(readers)} then read from the cache.")
 
 
 def _depth_families(v: View) -> dict[str, list[Summary]]:
@@ -651,11 +642,12 @@ def _depth(v: View, families: dict[str, list[Summary]]) -> Figure:
             named = f"{family}: {label}" if len(families) > 1 and label else label
             ax.errorbar(x, [p.mean for p in spreads], yerr=[p.std for p in spreads], ls=ls, marker="os"[k],
                         color=f"C{k}", capsize=3, label=named)
-    names = [f"{t}\n" + ("head only" if t == 0 else "all" if t == len(blocks) else f"from {blocks[len(blocks) - t]}")
+    names = [f"{t}\n" + ("head only" if t == 0 else "all" if t == len(blocks) else blocks[len(blocks) - t])
              for t in depths]
     for ax, title in ((acc, "Accuracy"), (loss, "Validation loss"), (cost, "Training epochs' time")):
-        ax.set_xticks(range(len(depths)), names, fontsize=8)
-        ax.set(title=f"{title} against blocks trained", xlabel="blocks trained, counted from the top")
+        ax.set_xticks(range(len(depths)), names, fontsize=8 if len(depths) <= 6 else 7)
+        ax.set(title=f"{title} against blocks trained",
+               xlabel="blocks trained from the top, and the lowest of them")
         ax.grid(alpha=0.3)
     accuracy_axis(acc, len(v.c.splits.val), "accuracy")
     loss.set_ylabel("validation loss")
@@ -731,7 +723,7 @@ def _train_vs_val(v: View) -> Figure:
                 ax.axvline(x, ls=":", color="black")
             ax.set_title(f"{r.configuration}: {metric}", fontsize=10)
             if metric == "accuracy":
-                accuracy_axis(ax, len(v.c.splits.val), "accuracy")
+                accuracy_axis(ax, len(v.c.splits.val), "accuracy", compact=True)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlim(0.5, len(history) + 0.5)
             ax.grid(alpha=0.3)
