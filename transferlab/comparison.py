@@ -281,7 +281,8 @@ class Folder:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        self.staging = self.out.with_name(f".{self.out.name}.comparing")
+        resolved = self.out.resolve()  # `--out .` has no name of its own
+        self.staging = resolved.with_name(f".{resolved.name}.comparing")
 
     def begin(self, overwrite: bool) -> None:
         """Refuse what must not be replaced, before any work; then start an empty staging folder."""
