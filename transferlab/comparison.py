@@ -332,7 +332,7 @@ class Folder:
 
     def commit(self) -> None:
         """The finished comparison replaces OUT whole: no file of an older one stays."""
-        replace_dir(self.staging, self.out)
+        replace_dir(self.staging, self.out.resolve())
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:
