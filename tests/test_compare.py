@@ -22,7 +22,7 @@ from transferlab.comparison import Point, training_order
 from transferlab.data import Preprocessing
 from transferlab.errors import TransferlabError
 from transferlab.model import Classifier, create_head
-from transferlab.report import grad_cam
+from transferlab.plots import grad_cam
 from transferlab.studies import Paired
 
 from .conftest import TINY, make_folder

@@ -12,11 +12,11 @@ import pytest
 from matplotlib.figure import Figure
 
 import transferlab as tl
-from transferlab import report
+from transferlab import plots, report
 from transferlab.comparison import Comparison, Row, Scores, Sweep
 from transferlab.data import ImageSet
 from transferlab.errors import TransferlabError
-from transferlab.report import View
+from transferlab.plots import View
 from transferlab.splits import Splits
 from transferlab.strategies import Stage
 from transferlab.studies import Paired, nested_subsets, plan, sweep, wilson
@@ -150,7 +150,7 @@ def test_wilson_intervals_and_paired_tests_are_scipy_s():
 def test_an_accuracy_axis_never_turns_one_image_into_a_cliff():
     ax = Figure().add_subplot()
     ax.plot([1, 2, 3], [0.9925, 0.995, 0.9925])
-    report.accuracy_axis(ax, 400, "validation accuracy")
+    plots.accuracy_axis(ax, 400, "validation accuracy")
     lo, hi = ax.get_ylim()
     assert hi - lo >= 20 / 400 and hi <= 1.01 and lo <= 0.9925
     ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
