@@ -51,11 +51,12 @@ def test_one_point_per_depth_size_and_seed_on_one_split(study):
 
 
 def test_every_point_reads_one_set_of_frozen_prefix_features(study):
-    """Two prefixes (all blocks, all but the last) for train, validation and test: six arrays for eight points,
-    however many training sizes and seeds."""
-    assert study.features_computed == 6
+    """Two prefixes (all blocks, all but the last) for train, validation and test: six arrays per backbone, however
+    many training sizes; with a random-init backbone (weights none) each seed is another backbone, so twelve."""
+    assert study.features_computed == 12
     doc = json.loads((study.out / "comparison.json").read_text())
-    assert doc["features_computed"] == 6 and sum(p["features_computed"] for p in doc["points"]) == 6
+    assert doc["features_computed"] == 12 and sum(p["features_computed"] for p in doc["points"]) == 12
+    assert sum(r.features_computed for r in study.rows if r.train_size == "all") == 0  # they read the subsets' work
 
 
 def test_comparison_json_holds_the_summaries_recommendation_and_learning_curve(study):

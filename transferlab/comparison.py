@@ -33,7 +33,7 @@ from .errors import TransferlabError
 from .feeds import Features
 from .model import Built
 from .predict import predict
-from .runs import Run, checkpoint_path, replace_dir, to_csv, write_atomic
+from .runs import Run, check_can_write, checkpoint_path, replace_dir, to_csv, write_atomic
 from .splits import Splits
 from .strategies import Stage, stages
 from .training import resume, train
@@ -287,6 +287,7 @@ class Folder:
     def begin(self, overwrite: bool) -> None:
         """Refuse what must not be replaced, before any work; then start an empty staging folder."""
         check_replaceable(self.out, overwrite)
+        check_can_write(self.out)
         if self.staging.exists():
             if not overwrite:
                 raise TransferlabError(f"{self.out} has an interrupted comparison: continue it with "

@@ -113,6 +113,11 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise TransferlabError(f"{path} exists and is not a transferlab run directory; choose another --out")
     if occupied and not overwrite:
         raise TransferlabError(f"{path} already exists; pass --overwrite to replace it")
+    check_can_write(path)
+
+
+def check_can_write(path: Path) -> None:
+    """Fail now, not after the work, where `path` could not be created: a file in the way, no permission."""
     folder = path.parent
     while not folder.exists():  # the nearest folder that exists is where writing would start
         folder = folder.parent

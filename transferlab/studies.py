@@ -205,6 +205,7 @@ def _sweep(folder: Folder, config: TrainConfig, sweep_: Sweep, points: list[Poin
         c = Comparison(config, sweep_, splits, backbones.block_names(config.backbone), device.describe(), rows,
                        failures, folder.staging)
         record = {"test": test, "fingerprint": splits.fingerprint()}
+        folder.save(c.document() | record | {"complete": False})  # what --resume needs, from the first epoch on
         _train_points(c, points, folder, record, device)
         if not rows:
             raise TransferlabError(f"every point failed; the first: {failures[0].name}: {failures[0].error}")
