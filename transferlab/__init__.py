@@ -85,3 +85,4 @@ def __getattr__(name: str):
 
         return Comparison
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")
+

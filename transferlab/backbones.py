@@ -106,7 +106,8 @@ def _timm_model(name: str) -> nn.Module:
 
 
 def preprocessing(cfg: dict, image_size: int | None = None) -> Preprocessing:
-    """Size, resize, interpolation and mean/std from the backbone's own pretrained configuration."""
+    """Size, resize, interpolation, mean/std and channel order from a pretrained configuration: the backbone's
+    own, with what its weights change (`channels` is transferlab's key, for caffe-trained weights)."""
     size = image_size or cfg["input_size"][-1]
     crop_pct = cfg.get("crop_pct", 0.875)
     return Preprocessing(
@@ -115,6 +116,7 @@ def preprocessing(cfg: dict, image_size: int | None = None) -> Preprocessing:
         interpolation=cfg.get("interpolation", "bilinear"),
         mean=tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)),
         std=tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)),
+        channels=cfg.get("channels", "RGB"),
     )
 
 

@@ -6,17 +6,21 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import MISSING, fields
+import time
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
 
 from .config import TrainConfig
 from .errors import TransferlabError
+from .images import UploadLimits
 from .memory import reuse_freed_memory
 
 HELP = {
     "val": "validation folder with the same class sub-folders (default: --val-split of --data)",
     "val_split": "fraction of --data held out for validation, stratified and seeded (default 0.2)",
     "backbone": "timm model name; see `transferlab backbones` (default tf_efficientnet_lite0)",
-    "weights": "imagenet (default), none (random init) or a state-dict file",
+    "weights": "imagenet (default: found offline where `transferlab weights` says, else downloaded), none "
+               "(random init), or a file: safetensors, PyTorch state dict, or Keras .h5 (VGG16/VGG19)",
     "strategy": "feature-extraction | partial | full | two-stage (default) | scratch",
     "unfreeze_blocks": "blocks trained by partial and two-stage, counted from the top, or 'all' (default 1)",
     "epochs": "maximum epochs (of each stage's second part for two-stage) (default 10)",
@@ -38,6 +42,8 @@ HELP = {
     "cache_dir": "where cached features persist (default $TRANSFERLAB_CACHE or ~/.cache/transferlab/features)",
     "cache_ram_gb": "features beyond this many GiB are memory-mapped from --cache-dir; decoded images are kept "
                     "only within it (default 4)",
+    "cache_max_gb": "keep --cache-dir under this many GiB by removing the least recently used features that no "
+                    "running command uses (default 20)",
     "device": "auto (default: the first CUDA GPU, else MPS, else the CPU), cpu, mps, cuda or cuda:N",
     "amp": "autocast: bf16, fp16 (GPU) or off (default: what was measured fastest on the device: bf16 on CPUs "
            "with AVX-512 BF16 or AMX, else off)",
@@ -112,8 +118,10 @@ def build_parser() -> Parser:
     evaluate.add_argument("--data", required=True, help="labelled folder with the run's class sub-folders")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    predict = commands.add_parser("predict", help="label new images with a saved run")
-    predict.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    predict = commands.add_parser("predict", help="label new images with a saved run or an exported ONNX file")
+    predict.add_argument("model", metavar="RUN_DIR|MODEL.onnx",
+                         help="a run directory written by `transferlab train`, or an ONNX file written by "
+                              "`transferlab export` (then torch is not needed)")
     predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders searched for images")
     predict.add_argument("--top-k", type=int, help="classes listed per image, most likely first (default: 3 for "
                                                    "multi-class models, 1 for two classes; at most all classes)")
@@ -152,8 +160,46 @@ def build_parser() -> Parser:
     compare.add_argument("--resume", metavar="OUT", help="finish an interrupted comparison with the options it began "
                                                          "with")
 
+    export = commands.add_parser("export", help="write a run as an ONNX file that predicts on its own")
+    export.add_argument("run_dir", help="a run directory written by `transferlab train`")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="file format (default onnx)")
+    export.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/model.onnx)")
+    export.add_argument("--quantize", metavar="int8",
+                        help="also write an int8 copy beside it (FILE.int8.onnx), calibrated on the run's training "
+                             "images, and print both files' accuracy on its validation images")
+    export.add_argument("--overwrite", action="store_true", help="replace files an earlier export wrote")
+
+    serve = commands.add_parser("serve", help="a local web page and JSON API to try a model on your own photos")
+    serve.add_argument("model", metavar="RUN_DIR|MODEL.onnx",
+                       help="a run directory (Grad-CAM shown) or an ONNX file from `transferlab export`")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                            "network)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    limits = UploadLimits()
+    serve.add_argument("--max-file-mb", type=float, default=limits.file_mb,
+                       help=f"largest image accepted, in MB (default {limits.file_mb:g})")
+    serve.add_argument("--max-request-mb", type=float, default=limits.request_mb,
+                       help=f"largest request accepted, in MB (default {limits.request_mb:g})")
+    serve.add_argument("--max-files", type=int, default=limits.files,
+                       help=f"most images in one request (default {limits.files})")
+
     listing = commands.add_parser("backbones", help="backbones, their blocks, and offline weight availability")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
+
+    weights = commands.add_parser("weights", help="where each backbone's ImageNet weights come from on this machine")
+    weights.add_argument("--json", action="store_true", help="print a JSON list")
+    weights_sub = weights.add_subparsers(dest="weights_command", parser_class=Parser)
+    fetch = weights_sub.add_parser("download", help="fetch ImageNet weights now, to train offline later")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help="backbone names, e.g. vgg16 resnet50")
+
+    features = commands.add_parser("cache", help="the feature cache: size by backbone and dataset, last use")
+    features.add_argument("--cache-dir", help=HELP["cache_dir"])
+    features.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    cache_sub = features.add_subparsers(dest="cache_command", parser_class=Parser)
+    clear = cache_sub.add_parser("clear", help="remove cached features that no running command uses")
+    clear.add_argument("--older-than", type=float, metavar="DAYS", help="only those last used more than DAYS ago")
+    clear.add_argument("--cache-dir", help=HELP["cache_dir"], default=argparse.SUPPRESS)
     return parser
 
 
@@ -208,9 +254,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .runs import Run
+    from .predictions import load
 
-    rows = Run.load(args.run_dir).predict(args.paths, args.top_k)
+    rows = load(args.model).predict(args.paths, args.top_k)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif args.csv:
@@ -271,6 +317,75 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from . import weights
+    from .backbones import LISTED
+
+    if args.weights_command == "download":
+        for name in args.names:
+            there = weights.download(name)
+            print(f"{name}: {there.where}: {there.path}")
+        return 0
+    rows = []
+    for name in LISTED:
+        places = weights.found(name)
+        usable = next((f for f in places if not f.unusable), None)
+        rows.append({"name": name, "source": usable.where if usable else None, "file": usable and str(usable.path),
+                     "unusable": [{"file": str(f.path), "reason": f.unusable} for f in places if f.unusable]})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'backbone':<24}{'imagenet weights from':<24}file")
+    for r in rows:
+        print(f"{r['name']:<24}{r['source'] or 'needs the network':<24}{r['file'] or ''}".rstrip())
+        for u in r["unusable"]:
+            print(f"{'':<24}not used: {u['file']}: {u['reason']}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from . import cache
+
+    directory = Path(args.cache_dir) if args.cache_dir else cache.default_dir()
+    if args.cache_command == "clear":
+        if args.older_than is not None and args.older_than < 0:
+            raise TransferlabError("--older-than must be 0 days or more")
+        removed, busy = cache.clear(directory, args.older_than)
+        print(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))}) from {directory}"
+              + (f"; kept {len(busy)} that a running command uses" if busy else ""))
+        return 0
+    exists = directory.is_dir()
+    listed = cache.entries(directory) if exists else []
+    if args.json:
+        print(json.dumps([asdict(e) for e in listed]))
+        return 0
+    print(f"{directory}: {_size(sum(e.bytes for e in listed))} in {len(listed)} entries; training keeps it under "
+          f"--cache-max-gb (default {TrainConfig.cache_max_gb:g} GiB)")
+    if partial := exists and cache.partial_bytes(directory):
+        print(f"and {_size(partial)} being written, or left by killed runs (`transferlab cache clear` removes those)")
+    groups: dict[tuple, list] = {}
+    for e in listed:
+        groups.setdefault((e.about.get("backbone", "?"), e.about.get("dataset", "? (from an older transferlab)")),
+                          []).append(e)
+    for (backbone, dataset), group in sorted(groups.items()):
+        print(f"\n{backbone}  {dataset}: {_size(sum(e.bytes for e in group))} in {len(group)} entries")
+        for e in sorted(group, key=lambda e: -e.last_used):
+            what = f"block {e.about['block']}, {e.about['shape'][0]} images" if "block" in e.about else e.name
+            if e.about.get("augment", "none") != "none":
+                what += f", {e.about['augment']} view {e.about['view']}"
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            print(f"  {what:<44}{_size(e.bytes):>10}  last used {used}")
+    return 0
+
+
+def _size(n: int) -> str:
+    """Binary units, as --cache-ram-gb and --cache-max-gb count."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def cmd_compare(args) -> int:
     from . import studies
     from .comparison import format_table
@@ -296,8 +411,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    done = export(args.run_dir, args.out, args.quantize, args.overwrite)
+    print(f"wrote {done.path} ({done.path.stat().st_size / 2**20:.1f} MB): ONNX Runtime gives PyTorch's "
+          f"probabilities within {done.max_difference:.1g}")
+    if done.int8:
+        print(f"wrote {done.int8} ({done.int8.stat().st_size / 2**20:.1f} MB): int8, calibrated on "
+              f"{done.calibration_images} training images")
+        if done.accuracy:
+            print(f"validation accuracy on {done.validation_images} images: int8 {done.accuracy['int8']:.4f}, "
+                  f"fp32 {done.accuracy['fp32']:.4f} ({100 * (done.accuracy['int8'] - done.accuracy['fp32']):+.2f} pt)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if min(args.max_file_mb, args.max_request_mb, args.max_files) <= 0:
+        raise TransferlabError("--max-file-mb, --max-request-mb and --max-files must be positive")
+    serve(args.model, args.host, args.port, UploadLimits(args.max_file_mb, args.max_request_mb, args.max_files))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
-            "backbones": cmd_backbones, "compare": cmd_compare}
+            "backbones": cmd_backbones, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
+            "weights": cmd_weights, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a permission or a full disk: the system's words suffice
         print(f"transferlab: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional dependency: export and serve need the `deploy` extra
+        print(f"transferlab: error: {e.name} is not installed (`pip install 'transferlab[deploy]'` installs what "
+              f"export and serve need)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # training's says how to continue; a bare Ctrl-C has no words
         print(f"transferlab: {str(e) or 'interrupted'}", file=sys.stderr)

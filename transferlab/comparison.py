@@ -27,7 +27,7 @@ from sklearn import metrics as skm
 
 from . import backbones, metrics
 from .config import TrainConfig
-from .data import Preprocessing
+from .images import Preprocessing
 from .devices import Device
 from .errors import TransferlabError
 from .feeds import Features
@@ -266,7 +266,8 @@ def _test_probabilities(run: Run, splits: Splits, store, device: Device) -> np.n
     if not (run.config.cache and frozen):
         return run.probabilities(splits.test)
     backbone = run.info["backbone"]
-    built = Built(run.model, run.preprocessing, backbone["blocks"], backbone["feature_shape"], backbone["weights"])
+    built = Built(run.model, run.preprocessing, backbone["blocks"], backbone["feature_shape"],
+                  {k: v for k, v in backbone.items() if k.startswith("weights")})
     features = Features(built, run.config, device, store).get(splits.test, frozen)
     n = device.inference_batch
     batches = ((device.put(torch.from_numpy(np.asarray(features[i:i + n]))).float(),) for i in range(0, len(features), n))

@@ -51,6 +51,7 @@ class TrainConfig:
     cache_views: int = 2  # augmented views cached per image when augment != none
     cache_dir: str | None = None  # None = $TRANSFERLAB_CACHE or ~/.cache/transferlab/features
     cache_ram_gb: float = 4.0
+    cache_max_gb: float = 20.0  # the cache directory's size cap, kept by removing least recently used entries
     device: str = "auto"
     amp: str | None = None  # autocast dtype: bf16, fp16 or off; None = the device's fastest
     channels_last: bool | None = None
@@ -73,6 +74,7 @@ class TrainConfig:
             (0 < self.val_split < 1, "--val-split must be between 0 and 1"),
             (self.cache_views >= 1, "--cache-views must be a positive number"),
             (self.cache_ram_gb >= 0, "--cache-ram-gb must be 0 (memory-map everything) or more"),
+            (self.cache_max_gb >= 0, "--cache-max-gb must be 0 (keep only what this run uses) or more"),
             (self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "--unfreeze-blocks must be positive or 'all'"),
             (all(x is None or x > 0 for x in (self.lr, self.backbone_lr)), "learning rates must be positive"),
             (self.lr_decay > 0, "--lr-decay must be positive"),

@@ -1,6 +1,7 @@
-"""Image folders: find images, decode them safely, skip bad files with a reason, split.
+"""Image folders: scan and validate them, skip bad files with a reason, split.
 
-Nothing here writes to the user's folder: files are only ever opened for reading.
+Decoding itself is in `images` (NumPy and Pillow only). Nothing here writes to the user's folder: files are
+only ever opened for reading.
 """
 
 from __future__ import annotations
@@ -10,28 +11,20 @@ import json
 import os
 import shutil
 import urllib.request
-import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from .config import DEFAULT_MAX_PIXELS
 from .errors import TransferlabError
+from .images import BadImage, Preprocessing, is_candidate, load_image
 from .progress import note
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 NAMED_DATASETS = {
     "cats-vs-dogs": "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip",
 }
-
-
-class BadImage(Exception):
-    """A file that looks like an image but cannot be used; the message is the reason shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -76,78 +69,7 @@ class ImageSet:
         }
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a backbone wants its input: resize the short side to `resize`, centre-crop `size`, normalise."""
-
-    size: int
-    resize: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def is_candidate(path: Path) -> bool:
-    """An image by its extension, and not hidden or OS junk (.DS_Store, Thumbs.db, AppleDouble `._*`)."""
-    name = path.name
-    return (
-        not name.startswith(".")
-        and name.lower() not in JUNK_NAMES
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: 16-bit and float grey rescaled, transparency composited on white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im).astype(np.uint32)  # 32-bit 'I' is ambiguous: 16-bit data if values say so
-        deep = im.mode.startswith("I;16") or arr.max() > 255
-        im = Image.fromarray((arr >> 8 if deep else arr).clip(0, 255).astype(np.uint8), "L")
-    elif im.mode == "F":
-        im = Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
-    """Decode `path` fully to upright RGB, or raise BadImage with a short reason.
-
-    `draft` lets JPEG decode at a reduced scale that still covers `draft` pixels per side (much faster for
-    photos far larger than the network input).
-    """
-    if not os.path.isfile(path):
-        raise BadImage("file not found")
-    try:
-        if os.path.getsize(path) == 0:
-            raise BadImage("empty file")
-        with warnings.catch_warnings():  # the max_pixels check below replaces Pillow's bomb warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise BadImage(
-                    f"{width}x{height} pixels exceeds the decompression-bomb limit of {max_pixels:,} (--max-pixels)"
-                )
-            if draft and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb refused: {e}") from None
-    except UnidentifiedImageError:  # Pillow's message holds the absolute path; the reason needs none
-        raise BadImage("cannot decode: unknown image format or broken header") from None
-    except Exception as e:  # Pillow raises many types for broken files; each one is a reason to skip
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadImage(f"cannot decode: {reason}") from None
+# ---------------------------------------------------------------- scanning
 
 
 def _check(args: tuple[Path, int]) -> tuple[str | None, str]:

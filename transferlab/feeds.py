@@ -146,10 +146,12 @@ class Images:
         kind = EncodedDataset if device.gpu_decode else ImageDataset
         self.dataset = kind(images, pre, augment, config.max_pixels, config.seed)
         self.device = device
+        batch_size = batch_size or device.inference_batch
+        workers = device.workers if len(images) > batch_size else 0  # one batch is not worth starting processes
         self.loader = DataLoader(
-            self.dataset, batch_size=batch_size or device.inference_batch, sampler=keys,
-            num_workers=device.workers, persistent_workers=device.workers > 0,
-            prefetch_factor=4 if device.workers else None, pin_memory=device.pin_memory,
+            self.dataset, batch_size=batch_size, sampler=keys,
+            num_workers=workers, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None, pin_memory=device.pin_memory,
             collate_fn=_as_list if device.gpu_decode else None,
             generator=torch.Generator().manual_seed(config.seed),  # its own: never shift the RNG dropout uses
         )
@@ -291,7 +293,9 @@ class Features:
         note(f"computing the frozen blocks' features of {len(images):,} images once (block {block}"
              + (f", augmented view {view}" if augment != "none" else "") + "); later epochs and runs read them")
         progress = bar(batches, f"caching block {block} features", total=-(-len(images) // n))
-        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks)
+        about = {"backbone": self.config.backbone, "dataset": str(images.root), "block": block, "augment": augment,
+                 "view": view}
+        return self.store.compute(identity | {"block": block}, progress, len(images), run_blocks, about)
 
     def feed(self, splits: Splits, block: int) -> CachedFeed | None:
         """Cached block-`block` features; with nothing frozen (block 0), the images themselves."""
@@ -321,7 +325,7 @@ class Features:
 def feature_store(config: TrainConfig) -> FeatureCache:
     """The cache that `config` asks for; share one between runs (as `compare` does) to share features in RAM."""
     directory = Path(config.cache_dir) if config.cache_dir else cache.default_dir()
-    return FeatureCache(directory, int(config.cache_ram_gb * 2**30))
+    return FeatureCache(directory, int(config.cache_ram_gb * 2**30), int(config.cache_max_gb * 2**30))
 
 
 def _stat(path) -> tuple[int, int]:
@@ -333,5 +337,5 @@ def _weights_identity(config: TrainConfig) -> str:
     """What decides the weights: their file's identity, or the seed for a random init."""
     if config.weights == "none":
         return f"none/seed={config.seed}"
-    path = weights.package_file(config.backbone) if config.weights == "imagenet" else config.weights
+    path = weights.imagenet_file(config.backbone) if config.weights == "imagenet" else config.weights
     return f"{config.weights}:{path}:{_stat(path) if path and os.path.exists(path) else ''}"

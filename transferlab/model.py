@@ -43,6 +43,7 @@ class Classifier(nn.Module):
         self.blocks, self.head = blocks, head
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
+        self.bgr = pre.channels == "BGR"  # not a buffer: rebuilt from the run's recorded preprocessing
         self.frozen = 0
         self.bn_frozen = False
         self.folding = contextlib.nullcontext()
@@ -55,7 +56,9 @@ class Classifier(nn.Module):
         return len(self.blocks)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        """RGB images in, what the weights were trained on out (caffe-trained weights: BGR, mean subtracted)."""
+        x = x.float()
+        return ((x.flip(1) if self.bgr else x) - self.mean) / self.std
 
     def features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run blocks[start:stop]; start=0 takes images."""
@@ -67,11 +70,12 @@ class Classifier(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits; the head runs in fp32 even under autocast, so that they (and the probabilities printed from
-        them) are what the model says rather than bf16 roundings of it. It costs nothing: the head is tiny."""
+        """Logits; the head runs in its own dtype (fp32) even under autocast, so that they (and the
+        probabilities printed from them) are what the model says rather than bf16 roundings of it. It costs
+        nothing: the head is tiny."""
         features = self.features(x, start)
         with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.float())
+            return self.head(features.to(next(self.head.parameters()).dtype))
 
     def freeze(self, frozen: int, bn_frozen: bool = False) -> None:
         """Freeze blocks[:frozen]; everything after, and the head, trains."""
@@ -102,28 +106,31 @@ class Built:
     pre: Preprocessing
     block_names: list[str]
     feature_shape: list[int]
-    weights_source: str
+    weights: dict  # where the weights came from, for config.json
 
 
-def create_classifier(config: TrainConfig, num_classes: int, fold_bn: bool, load_weights: bool = True) -> Built:
-    """Backbone blocks + a fresh head on the CPU, seeded (a random-init backbone too); weights loaded unless
-    rebuilding a saved run. The caller puts it on its device."""
+def create_classifier(config: TrainConfig, num_classes: int, fold_bn: bool, pre: Preprocessing | None = None
+                      ) -> Built:
+    """Backbone blocks + a fresh head on the CPU, seeded (a random-init backbone too). The weights are loaded and
+    their preprocessing used, unless a saved run rebuilds itself with its recorded `pre` (its tensors follow).
+    The caller puts it on its device."""
     torch.manual_seed(config.seed)
     backbone, timm_model = backbones.create(config.backbone, config.image_size)
-    pre = backbones.preprocessing(backbone.pretrained_cfg, config.image_size)
-    source = weights.load(timm_model, config.backbone, config.weights) if load_weights else config.weights
+    loaded = weights.Loaded(config.weights) if pre else weights.load(timm_model, config.backbone, config.weights)
+    pre = pre or backbones.preprocessing(backbone.pretrained_cfg | loaded.cfg, config.image_size)
     head = create_head(config.head, backbone.feature_shape, 1 if num_classes == 2 else num_classes, config.dropout)
     model = Classifier(backbone.blocks, head, pre, fold_bn)
-    return Built(model, pre, backbone.block_names, backbone.feature_shape, source)
+    return Built(model, pre, backbone.block_names, backbone.feature_shape, loaded.record())
 
 
 class FoldedBatchNorm(TorchFunctionMode):
     """BatchNorm in inference mode is a per-channel affine map, so folded into the convolution that feeds it,
     it costs no pass over the activations: the convolution takes weight * scale and a bias, and the BatchNorm
     passes its input on. Parameters and gradients stay those of the unfolded model (the fold is recomputed
-    from them at every call), so checkpoints and optimiser state are untouched. Measured here on
-    tf_efficientnet_lite0, bf16, batch 32: a full fine-tuning step went from 53 to 68 images/s, an inference
-    pass from 290 to 335.
+    from them at every call), so checkpoints and optimiser state are untouched. Equal up to rounding, which
+    differs, as with channels_last: a ReLU input within rounding of 0 may fall on either side, and its gradient
+    with it (so tests compare in float64). Measured here on tf_efficientnet_lite0, bf16, batch 32: a full
+    fine-tuning step went from 53 to 68 images/s, an inference pass from 290 to 335.
 
     Pairs are found by running `example` through `blocks` once, and kept only if folding gives the same
     output with BatchNorm statistics far from the identity; a BatchNorm that is training (scratch,

@@ -393,7 +393,7 @@ def _setup(v: View) -> list[list[str]]:
         ["backbone", f"{cfg.backbone}: {len(c.blocks)} blocks ({', '.join(c.blocks)})"],
         ["weights", "; ".join(f"{src}: {', '.join(names)}" for src, names in sources.items())],
         ["input", f"{pre.size} px (short side resized to {pre.resize}, {pre.interpolation}, centre crop), "
-                  f"mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
+                  f"{'BGR, ' if pre.channels == 'BGR' else ''}mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
         ["seeds", (", ".join(map(str, sweep.seeds)) + " (initialisation, order and augmentation; the split and "
                    f"subsets use seed {cfg.seed})") if sweep.seeds else str(cfg.seed)],
         ["epochs", f"{cfg.epochs} at most" + (f"; two-stage head epochs {two_stage[0]}" if two_stage else "")],

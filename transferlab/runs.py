@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from . import data, devices
+from . import data, devices, images, predictions
 from .config import TrainConfig
 from .devices import Device
 from .errors import TransferlabError
@@ -195,7 +195,8 @@ class Run:
             split = list(csv.DictReader(io.StringIO((path / "split.csv").read_text())))
             run_metrics = json.loads((path / "metrics.json").read_text())
             device = inference_device(config)
-            model = create_classifier(config, len(info["classes"]), device.fold_bn, load_weights=False).model
+            model = create_classifier(config, len(info["classes"]), device.fold_bn,
+                                      images.Preprocessing.from_dict(info["preprocessing"])).model
             model.load_state_dict(state)
         except TransferlabError:
             raise
@@ -217,9 +218,17 @@ class Run:
         return predict(model, Images(images, self.preprocessing, self.config, device), device)
 
     @property
-    def preprocessing(self) -> data.Preprocessing:
-        return data.Preprocessing(**{**self.info["preprocessing"], "mean": tuple(self.info["preprocessing"]["mean"]),
-                                     "std": tuple(self.info["preprocessing"]["std"])})
+    def preprocessing(self) -> images.Preprocessing:
+        return images.Preprocessing.from_dict(self.info["preprocessing"])
+
+    @property
+    def card(self) -> dict:
+        """What someone trying the model wants to know about it: the served page shows it, an export carries it."""
+        validation = ("n_images", "accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+        return {"backbone": self.config.backbone, "weights": self.info["backbone"]["weights"],
+                "strategy": self.config.strategy, "image_size": self.preprocessing.size, "classes": self.classes,
+                "data": self.config.data, "validation": {k: self.metrics.get(k) for k in validation},
+                "run": None if self.path is None else str(self.path.resolve())}
 
     def evaluate(self, folder: str | Path) -> dict:
         """Metrics on a labelled folder whose class names match the training classes."""
@@ -238,34 +247,17 @@ class Run:
         Each row lists the `top_k` most likely classes (default 3, or 1 for a two-class model; at most every
         class). A file that cannot be used gets a row with its `error`, or with errors="raise" stops the call.
         """
-        if errors not in ("row", "raise"):
-            raise TransferlabError(f"errors must be 'row' or 'raise', got {errors!r}")
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        top_k = min(top_k or (3 if len(self.classes) > 2 else 1), len(self.classes))
-        if top_k < 1:
-            raise TransferlabError("--top-k must be a positive number")
-        files = _image_files(map(Path, paths))
-        if not files:
-            raise TransferlabError(f"no images found in {', '.join(map(str, paths))}")
-        rows, good = [], []
+        files, top_k = predictions.request(paths, top_k, self.classes, errors)
+        unusable = {}
         for f in files:
             try:
-                data.load_image(f, self.config.max_pixels)
-                good.append(f)
-                rows.append({"path": str(f)})
-            except data.BadImage as e:
-                if errors == "raise":
-                    raise TransferlabError(f"{f}: {e}") from None
-                rows.append({"path": str(f), "error": str(e)})
-        if good:
-            probs = iter(self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))))
-            for row in rows:
-                if "error" not in row:
-                    p = next(probs)
-                    order = np.argsort(-p)[:top_k]
-                    row |= {"label": self.classes[order[0]], "probability": float(p[order[0]]),
-                            "top": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
-        return rows
+                images.load_image(f, self.config.max_pixels)
+            except images.BadImage as e:
+                unusable[f] = str(e)
+        good = [f for f in files if f not in unusable]
+        run_model = good and not (errors == "raise" and unusable)  # a file to raise about stops it beforehand
+        probs = self.probabilities(data.ImageSet(Path("."), self.classes, good, [0] * len(good))) if run_model else []
+        return predictions.rows(files, unusable, probs, self.classes, top_k, errors)
 
     def __repr__(self) -> str:
         accuracy = self.metrics.get("accuracy")
@@ -286,18 +278,6 @@ class Run:
                 ("path", str(self.path) if self.path else "not saved")]
         return "<table>" + "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>"
                                    f"{escape(v)}</td></tr>" for k, v in rows) + "</table>"
-
-
-def _image_files(paths: Iterable[Path]) -> list[Path]:
-    """Each path as given, or for a folder the images under it (hidden files and OS junk aside), sorted."""
-    files = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and data.is_candidate(f)
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        else:
-            files.append(p)
-    return files
 
 
 def _number(value: str) -> int | float | str:

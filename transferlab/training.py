@@ -237,7 +237,7 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
         result = metrics.evaluate(probs.numpy(), np.array(splits.val.labels), splits.classes)
         info = {
             "classes": splits.classes,
-            "backbone": {"name": config.backbone, "blocks": built.block_names, "weights": built.weights_source,
+            "backbone": {"name": config.backbone, "blocks": built.block_names, **built.weights,
                          "feature_shape": built.feature_shape},
             "preprocessing": asdict(built.pre),
             "stages": [asdict(s) for s in plan],
