@@ -39,7 +39,7 @@ import torch
 
 from transferlab import data, devices
 from transferlab.cache import FeatureCache
-from transferlab.compare import training_order
+from transferlab.comparison import Point, training_order
 from transferlab.config import TrainConfig
 from transferlab.devices import Device
 from transferlab.feeds import ImageFeed, Images
@@ -181,7 +181,8 @@ def main() -> None:
     print(f"device: {device.summary()} ({device.count} x {device.memory_gb:.0f} GiB), torch {torch.__version__}")
     splits = load_splits(base)
     configs = {s: replace(base, strategy=s, epochs=args.epochs) for s in ("feature-extraction", "partial", "full")}
-    order = training_order(configs)  # as compare trains them: partial's prefix then serves feature extraction
+    # as compare trains them: partial's prefix then serves feature extraction
+    order = [p.name for p in training_order([Point(s, s, c) for s, c in configs.items()])]
 
     # 2c, first: full fine-tuning steps as a fresh process allocates memory (glibc's default, which adapts to
     # what the process has freed before), then 4, first half: the notebook way, in that state too

@@ -61,10 +61,10 @@ def test_top_k_on_a_two_class_model_shows_both_classes(trained, folder, capsys):
 
 
 def test_compare_takes_strategies_as_one_comma_separated_string():
-    from transferlab.compare import _configs
+    from transferlab.studies import sweep
 
-    assert list(_configs(tl.TrainConfig(data="d"), "partial, full")) == ["partial", "full"]
-    assert list(_configs(tl.TrainConfig(data="d"), "full")) == ["full"]
+    assert sweep("partial, full").strategies == ("partial", "full")
+    assert sweep("full").strategies == ("full",)
 
 
 # ---------------------------------------------------------------- dataset roots

@@ -9,8 +9,6 @@ Importing the package is light: torch, timm and the rest load when a function fi
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +17,7 @@ from .config import TrainConfig
 from .errors import TransferlabError
 
 if TYPE_CHECKING:
-    from .compare import Comparison
+    from .comparison import Comparison
     from .runs import Run
 
 __all__ = ["TrainConfig", "TransferlabError", "Run", "Comparison", "train", "resume", "load", "compare"]
@@ -51,19 +49,22 @@ def load(path: str | Path) -> Run:
     return Run.load(path)
 
 
-def compare(data: str | Path, strategies: str | Sequence[str], out: str | Path, test: str | Path | None = None,
-            overwrite: bool = False, **options) -> Comparison:
-    """Train each strategy (a list, or names separated by commas) on `data` and write the comparison and its
-    report to `out`; options are TrainConfig fields (except strategy)."""
-    from .compare import run_comparison
+def compare(data: str | Path, strategies: str | Sequence[str] | None = None, out: str | Path | None = None,
+            **options) -> Comparison:
+    """Train each strategy (a list, or names separated by commas) on `data` and write the comparison and its report
+    to `out`.
+
+    options: TrainConfig fields (except strategy); the sweep's axes `unfreeze_blocks` (0 = feature extraction ..
+    "all"), `train_sizes` (images per class, fractions or "all") and `seeds`, each a list or a comma-separated
+    string; `test` (a labelled folder every point is also scored on); `overwrite`; `resume` (finish an interrupted
+    comparison begun with the same arguments).
+    """
+    from . import studies
     from .memory import reuse_freed_memory
     from .report import write
 
-    config = TrainConfig.from_options(data, **options)
     reuse_freed_memory()
-    comparison = run_comparison(config, strategies, out, None if test is None else str(test), overwrite)
-    write(comparison)
-    return comparison
+    return studies.compare(data, strategies, out, finish=write, **options)
 
 
 def __getattr__(name: str):
@@ -80,19 +81,8 @@ def __getattr__(name: str):
 
         return Run
     if name == "Comparison":
-        from .compare import Comparison
+        from .comparison import Comparison
 
         return Comparison
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule `transferlab.compare` (lazily, so possibly after this module ran) must not replace
-    the function `transferlab.compare` as the package's attribute, as the import system would."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if not (name == "compare" and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -138,14 +138,27 @@ def build_parser() -> Parser:
     download = data_sub.add_parser("download", help="fetch a named dataset (needs the network)")
     download.add_argument("name", help="cats-vs-dogs")
 
-    compare = commands.add_parser("compare", help="train several strategies on the same data and report the difference")
-    compare.add_argument("--data", required=True, help=DATA_HELP)
-    compare.add_argument("--strategies", required=True,
-                         help="comma-separated, e.g. feature-extraction,partial,full,two-stage,scratch")
-    compare.add_argument("--test", help="held-out labelled folder that every strategy is also scored on")
-    add_config_flags(compare, skip=("strategy",))
-    compare.add_argument("--out", required=True, help="folder for the runs, comparison.json/csv, plots and report")
+    compare = commands.add_parser(
+        "compare", help="train several strategies, depths, training sizes or seeds on the same data and report what "
+        "the difference is worth")
+    compare.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
+    compare.add_argument("--strategies", help="comma-separated, e.g. feature-extraction,partial,full,two-stage,scratch "
+                                              "(default with --unfreeze-blocks: partial)")
+    compare.add_argument("--unfreeze-blocks", dest="depths", metavar="N,...",
+                         help="depths to sweep for partial and two-stage: blocks trained from the top, e.g. 0,1,2,3,all "
+                              "(0 = feature extraction; partial at all = full); one value sets the depth (default 1)")
+    compare.add_argument("--train-sizes", metavar="N,...",
+                         help="learning curve: training images per class (50,100,all) or fractions of each class "
+                              "(0.1,0.5,all), nested and class-balanced")
+    compare.add_argument("--seeds", metavar="S,...",
+                         help="repeat every configuration with these seeds (initialisation, order, augmentation); the "
+                              "split stays --seed's")
+    compare.add_argument("--test", help="held-out labelled folder that every point is also scored on")
+    add_config_flags(compare, skip=("strategy", "unfreeze_blocks"))
+    compare.add_argument("--out", help="folder for the runs, comparison.json/csv, plots and report")
     compare.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+    compare.add_argument("--resume", metavar="OUT", help="finish an interrupted comparison with the options it began "
+                                                         "with")
 
     export = commands.add_parser("export", help="write a run as an ONNX file that predicts on its own")
     export.add_argument("run_dir", help="a run directory written by `transferlab train`")
@@ -374,13 +387,27 @@ def _size(n: int) -> str:
 
 
 def cmd_compare(args) -> int:
-    from .compare import format_table, run_comparison
-    from .report import write
+    from . import studies
+    from .comparison import format_table
+    from .report import View, recommendation_notes, summary_table, write
 
-    result = run_comparison(config_from(args), args.strategies, args.out, args.test, args.overwrite)
-    write(result)
-    print(format_table(result.rows))
-    print(f"best: {result.best['strategy']}; report: {result.out / 'report.html'}")
+    given = {f.name for f in fields(TrainConfig)} & set(vars(args))  # flags not given are suppressed
+    sweep_flags = [args.strategies, args.depths, args.train_sizes, args.seeds, args.test]
+    if args.resume:
+        if given or any(sweep_flags) or args.out or args.overwrite:
+            raise TransferlabError("--resume continues a comparison with the options it began with; give it no others")
+        result = studies.resume(args.resume, finish=write)
+    elif "data" not in given or not args.out:
+        raise TransferlabError("compare needs --data and --out (or --resume OUT)")
+    else:
+        sweep = studies.sweep(args.strategies, args.depths, args.train_sizes, args.seeds)
+        result = studies.run(config_from(args), sweep, args.out, args.test, args.overwrite, finish=write)
+    view = View.of(result)
+    print(format_table(summary_table(view)))
+    print(recommendation_notes(view)[0])
+    for failure in result.failures:
+        print(f"transferlab: warning: {failure.name} failed: {failure.error}", file=sys.stderr)
+    print(f"report: {result.out / 'report.html'}")
     return 0
 
 

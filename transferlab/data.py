@@ -43,6 +43,7 @@ class ImageSet:
     labels: list[int]
     skipped: list[Skipped] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
+    within: tuple[ImageSet, tuple[int, ...]] | None = None  # a training subset: which images of which larger set
 
     def __len__(self) -> int:
         return len(self.files)

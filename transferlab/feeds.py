@@ -266,7 +266,12 @@ class Features:
                      "max_pixels": config.max_pixels}
 
     def get(self, images: ImageSet, block: int, augment: str = "none", view: int = 0) -> np.ndarray:
-        """Features of blocks[:block] for `images` (augmented view `view`), computed only if not cached."""
+        """Features of blocks[:block] for `images` (augmented view `view`), computed only if not cached. A
+        subset `within` a larger set (a learning curve's training sizes) reads that set's features, computed once
+        for every subset."""
+        if images.within:
+            whole, indices = images.within
+            return self.get(whole, block, augment, view)[list(indices)]
         identity = {**self.base, "augment": augment, "view": view,
                     "seed": self.config.seed if augment != "none" else None,
                     "files": [(str(p), *_stat(p)) for p in images.files]}

@@ -1,8 +1,9 @@
-"""The comparison report: plots, Grad-CAM, and one list of sections rendered twice, as self-contained HTML
-(every image inlined as a data URI, so it opens offline and can be mailed) and as Markdown beside the PNGs.
+"""The comparison report: the recommendation, results and curves first, set-up last; one list of sections rendered
+twice, as self-contained HTML (every image inlined as a data URI, so it opens offline and can be mailed) and as
+Markdown beside the PNGs (`plots` draws them).
 
-Figures use matplotlib's object API (no pyplot): no global backend or state, no display needed.
-Every observation is a sentence filled from this comparison's numbers.
+Every observation is a sentence filled from this comparison's numbers and the statistics of `studies`, whatever
+those numbers are: ties, wins, losses and a single configuration all read as sentences.
 """
 
 from __future__ import annotations
@@ -10,34 +11,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import itertools
-import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
 from sklearn import metrics as skm
 
 from . import distributed
-from .compare import Comparison, table
-from .data import ImageSet
-from .feeds import ImageDataset
-from .model import Classifier
+from .comparison import Comparison, Row
+from .plots import View, figures
 from .runs import write_atomic
-from .strategies import STRATEGIES
-from .predict import probabilities
-
-COLORS = dict(zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
-MARKERS = dict(zip(STRATEGIES, "osD^v"))
-PERCENT = FuncFormatter(lambda x, _: f"{100 * x:.4g}%")  # 99.25%, 99.5%, 100%: no more digits than needed
-GRADCAM_IMAGES = 6
-MISTAKES_SHOWN = 12
+from .studies import Paired, Summary, largest, ranked, wilson
 
 
 @dataclass
@@ -46,97 +31,30 @@ class Section:
     points: list[str] = field(default_factory=list)
     table: list[list[str]] | None = None  # first row is the header
     figures: list[str] = field(default_factory=list)  # names of plots/<name>.png
+    collapsed: bool = False  # HTML: folded away until clicked
+    tables: list[tuple[str, list[list[str]]]] = field(default_factory=list)  # further (caption, table) pairs
 
 
 @distributed.main_only
 def write(c: Comparison) -> None:
-    """plots/*.png, report.html and report.md under the comparison's folder."""
-    figures = _figures(c)
+    """plots/*.png, report.html and report.md in the comparison's folder."""
+    v = View.of(c)
+    drawn = figures(v)
     pngs = {}
     (c.out / "plots").mkdir(parents=True, exist_ok=True)
-    for name, (_, fig) in figures.items():
+    for name, (_, fig) in drawn.items():
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         pngs[name] = buffer.getvalue()
         write_atomic(c.out / "plots" / f"{name}.png", pngs[name])
-    captions = {name: caption for name, (caption, _) in figures.items()}
-    title = f"Fine-tuning strategies compared: {c.config.backbone} on {c.splits.train.root}"
-    sections = _sections(c, list(figures))
+    captions = {name: caption for name, (caption, _) in drawn.items()}
+    title = f"Fine-tuning compared: {c.config.backbone} on {c.splits.train.root}"
+    sections = _sections(v, list(drawn))
     write_atomic(c.out / "report.html", render_html(title, sections, captions, pngs))
     write_atomic(c.out / "report.md", render_markdown(title, sections, captions))
 
 
-# ---------------------------------------------------------------- text
-
-
-def _sections(c: Comparison, figures: list[str]) -> list[Section]:
-    def present(*names: str) -> list[str]:
-        return [n for n in names if n in figures]
-
-    def trains(names: list[str]) -> str:
-        return " + ".join(([f"all {len(c.blocks)} blocks"] if names == c.blocks else names) + ["head"])
-
-    stages = [["strategy", "stage", "trains", "max epochs", "head lr", "backbone lr"]] + [
-        [r["strategy"], str(i), trains(s["trained_blocks"]), str(s["epochs"]), f"{s['head_lr']:g}",
-         f"{s['backbone_lr']:g}"] for r in c.rows for i, s in enumerate(r["stages"], 1)]
-    flawless = [] if "mistakes" in figures else [
-        f"{c.best['strategy']} (the best model) gets all {len(c.splits.val):,} validation images right, so there is "
-        "no gallery of its mistakes."]
-    return [
-        Section("Set-up", table=[["", ""]] + _setup(c)),
-        Section("Results", [
-            "train acc: running accuracy during the best epoch (dropout and augmentation on). val and test: the "
-            "restored best model. seconds: training time, validation passes included."],
-            table=table(c.rows)),
-        Section("Observations", observations(c)),
-        Section("Training curves", figures=present("val_accuracy", "val_loss", "train_vs_val")),
-        Section("Errors", figures=present("confusion", "roc")),
-        Section("Cost", table=stages, figures=present("accuracy_vs_time", "blocks")),
-        Section("Where the models look (Grad-CAM)", flawless, figures=present("gradcam", "mistakes")),
-    ]
-
-
-def _counts(images: ImageSet) -> str:
-    return f"{len(images):,} (" + ", ".join(f"{k} {v:,}" for k, v in images.counts().items()) + ")"
-
-
-def _setup(c: Comparison) -> list[list[str]]:
-    s, cfg = c.splits, c.config
-    summary = s.summary()
-    skipped, duplicates = summary["skipped"], summary["duplicates"]
-    pre = c.preprocessing
-    sources: dict[str, list[str]] = {}
-    for r in c.rows:
-        sources.setdefault(r["weights"], []).append(r["strategy"])
-    val_from = (f"folder {s.val.root}" if s.val.root != s.train.root
-                else f"{cfg.val_split:.0%} of the training folder, stratified, seed {cfg.seed}")
-    rows = [
-        ["training images", f"{_counts(s.train)} from {s.train.root}"],
-        ["validation images", f"{_counts(s.val)}, {val_from}"],
-        *([["test images", f"{_counts(s.test)} from {s.test.root}"]] if s.test else []),
-        ["skipped files", f"{len(skipped)}" + "".join(
-            f"; {x['split']}: {x['path']} ({x['reason']})" for x in skipped[:10])
-            + (f"; {len(skipped) - 10} more in comparison.json" if len(skipped) > 10 else "")],
-        ["duplicates across splits", f"{len(duplicates)}" + "".join(f"; {d['a']} = {d['b']}" for d in duplicates[:5])],
-        ["backbone", f"{cfg.backbone}: {len(c.blocks)} blocks ({', '.join(c.blocks)})"],
-        ["input", f"{pre.size} px (short side resized to {pre.resize}, {pre.interpolation}, centre crop), "
-                  f"{'BGR, ' if pre.channels == 'BGR' else ''}mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
-        ["weights", "; ".join(f"{src}: {', '.join(names)}" for src, names in sources.items())],
-    ]
-    skip = {"data", "val", "val_split", "strategy", "weights", "backbone", "cache_dir", "cache_ram_gb", "cache_max_gb",
-            "workers", "max_pixels"}
-    skip |= {"cache_views"} if cfg.augment == "none" else set()  # one exact view without augmentation
-    return rows + [[k.replace("_", " "), _value(v)] for k, v in cfg.to_dict().items() if k not in skip]
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    return "default" if v is None else str(v)
-
-
-def _floats(values) -> str:
-    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+# ---------------------------------------------------------------- numbers as words
 
 
 def _pct(x: float) -> str:
@@ -144,7 +62,7 @@ def _pct(x: float) -> str:
 
 
 def _many(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _points(x: float) -> str:
@@ -155,133 +73,400 @@ def _seconds(x: float) -> str:
     return f"{x:.0f} s" if x >= 10 else f"{x:.2g} s"
 
 
-def mcnemar(wins: int, losses: int) -> float:
-    """Exact two-sided McNemar p-value: how likely a split of the discordant images this uneven is by chance."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n)
+def _times(x: float) -> str:
+    return f"{x:.1f}×" if x < 100 else f"{x:,.0f}×"
 
 
-def observations(c: Comparison) -> list[str]:
-    """Which strategy won and by how much, the overfitting gap, the time and parameters each cost."""
-    ranked = sorted(c.rows, key=lambda r: (-r["val_accuracy"], r["val_loss"]))
-    labels = np.array(c.splits.val.labels)
-    right = {name: p.argmax(1) == labels for name, p in c.val_probs.items()}
-
-    def versus(other: dict) -> str:
-        """The winner against `other`, image by image."""
-        a, b = right[ranked[0]["strategy"]], right[other["strategy"]]
-        wins, losses = int((a & ~b).sum()), int((~a & b).sum())
-        if not wins + losses:
-            return "both got exactly the same validation images right"
-        p = mcnemar(wins, losses)
-        verdict = "unlikely to be chance" if p < 0.05 else f"a gap this size can be chance on {len(labels)} images"
-        return (f"right on {_many(wins, 'validation image')} that {other['strategy']} got wrong and wrong on "
-                f"{losses} it got right (exact McNemar p = {p:.2g}: {verdict})")
-
-    return _accuracy_notes(c, ranked, versus) + [_gap_note(c.rows)] + _cost_notes(c, ranked[0], versus)
+def _p(p: float) -> str:
+    return f"p = {p:.2g}"
 
 
-def _accuracy_notes(c: Comparison, ranked: list[dict], versus) -> list[str]:
-    best = ranked[0]
-    notes = ["Validation accuracy: " + ", ".join(f"{r['strategy']} {_pct(r['val_accuracy'])}" for r in ranked) + "."]
-    if len(ranked) > 1:
-        second = ranked[1]
-        margin = best["val_accuracy"] - second["val_accuracy"]
-        lead = (f"{_points(margin)} ahead of {second['strategy']}" if margin > 0 else
-                f"tied on accuracy with {second['strategy']} but with a lower validation loss "
-                f"({best['val_loss']:.4f} vs {second['val_loss']:.4f})")
-        notes.append(f"{best['strategy']} won, {lead}: {versus(second)}.")
-    lowest_loss = min(ranked, key=lambda r: r["val_loss"])
-    if lowest_loss is not best:
-        notes.append(f"The lowest validation loss is {lowest_loss['strategy']}'s ({lowest_loss['val_loss']:.4f}; "
-                     f"{best['strategy']}: {best['val_loss']:.4f}).")
-    if "test_accuracy" in best:
-        by_test = sorted(ranked, key=lambda r: -r["test_accuracy"])
-        top = [r for r in by_test if r["test_accuracy"] == by_test[0]["test_accuracy"]]
-        verdict = (f"{best['strategy']} is {'joint ' if len(top) > 1 else ''}best there too" if best in top
-                   else f"{', '.join(r['strategy'] for r in top)} lead{'s' if len(top) == 1 else ''} there")
-        notes.append(f"Test accuracy ({len(c.splits.test):,} images): "
-                     + ", ".join(f"{r['strategy']} {_pct(r['test_accuracy'])}" for r in by_test) + f"; {verdict}.")
+def _interval(lo_hi: Sequence[float]) -> str:
+    return f"{_pct(lo_hi[0])}–{_pct(lo_hi[1])}"
+
+
+def size_label(size: str, images: int | None = None) -> str:
+    """A training size as a phrase: '50 images per class', '25% of each class', 'all 1,600 training images'."""
+    if size == "all":
+        return f"all {images:,} training images" if images else "all training images"
+    return f"{float(size):.0%} of each class" if "." in size else f"{size} images per class"
+
+
+def compare_images(winner: str, other: str, paired: Paired, seeds: int, images: str = "validation image") -> str:
+    """A clause on two configurations image by image, whatever the numbers: identical, one way or both ways, with
+    what the paired test says when they differ."""
+    if not paired.wins + paired.losses:
+        return (f"both got exactly the same {images}s right" if seeds == 1 else
+                f"both were right equally often on every {images}")
+    if seeds == 1:
+        found = (f"{winner} was right on {_many(paired.wins, images)} that {other} got wrong and wrong on "
+                 f"{paired.losses:,} that it got right (exact McNemar {_p(paired.p)})")
+    else:
+        found = (f"{winner} was right more often on {_many(paired.wins, images)} and less often on "
+                 f"{paired.losses:,} than {other} (sign test over {seeds} seeds, {_p(paired.p)})")
+    return found + (", unlikely to be chance" if paired.separable else
+                    ", within what chance gives, so the data cannot separate them")
+
+
+def _gain(x: float) -> str:
+    return _points(x) if x > 0 else "no more accuracy" if x == 0 else f"{_points(x)} (worse)"
+
+
+# ---------------------------------------------------------------- what the report says
+
+
+def recommendation_notes(v: View) -> list[str]:
+    """The report's first lines: what to use on this data, how sure, and what more would buy."""
+    rec, groups = v.analysis.recommendation, v.analysis.summaries
+    over = f" (mean of {rec.seeds} seeds)" if rec.seeds > 1 else ""
+    at = f" with {size_label(rec.train_size, v.main[0].train_images)}" if len(v.sizes) > 1 else ""
+    notes = [f"Recommended for this data{at}: {rec.configuration}, the cheapest configuration whose validation "
+             f"accuracy is not significantly below the best. Its {rec.scored_on} accuracy is {_pct(rec.accuracy)}"
+             f"{over}, 95% interval {_interval(rec.interval)} (Wilson, {rec.images:,} images)."]
+    if rec.versus_best is None:
+        notes.append("It is also the most accurate configuration on the validation images."
+                     if len(largest(groups)) > 1 else "It is the only configuration trained.")
+    else:
+        gain = (f"scored {_points(rec.gain_of_best)} on validation" if rec.gain_of_best > 0 else
+                "scored the same validation accuracy with a lower loss")
+        notes.append(f"The most accurate, {rec.best}, {gain}: "
+                     f"{compare_images(rec.best, rec.configuration, rec.versus_best, rec.seeds)}.")
+    if rec.costlier:
+        notes.append("What costlier configurations would buy over it in validation accuracy: " + "; ".join(
+            f"{o.configuration}: {_gain(o.gain)} for {_times(o.times)} the epochs' time ({_seconds(o.fit_seconds)}"
+            + (f", {_p(o.paired.p)})" if o.paired.wins + o.paired.losses else ")") for o in rec.costlier) + ".")
+    return notes + curve_notes(v) + [f"{f.name} failed and is left out: {f.error}." for f in v.c.failures]
+
+
+def curve_notes(v: View) -> list[str]:
+    """The learning curve's verdict, from the numbers at every training size."""
+    curve = v.analysis.curve
+    if curve is None:
+        return []
+    steps = "; ".join(f"{size_label(s.train_size, s.train_images)}: {s.fine_tuning} {_pct(s.fine_tuned)} vs "
+                      f"{_pct(s.feature_extraction)} ({_p(s.paired.p)})" for s in curve.steps)
+    since = curve.from_size
+    if since is None:
+        beaten = [s for s in curve.steps if s.beat]
+        lead = ("Fine-tuning did not beat feature extraction by more than noise at the largest training size"
+                + (f", though it did at {', '.join(size_label(s.train_size) for s in beaten)}" if beaten else
+                   " or any smaller one"))
+    elif since == curve.steps[0].train_size:
+        lead = "Fine-tuning beat feature extraction by more than noise at every training size tried"
+    else:
+        lead = (f"Fine-tuning beat feature extraction by more than noise from {size_label(since)} on; with fewer "
+                "images the difference was within noise")
+    return [f"{lead} (best fine-tuned configuration against feature extraction, validation accuracy: {steps})."]
+
+
+def observations(v: View) -> list[str]:
+    """Which configuration scored highest and whether the data can tell, the overfitting gap, what each cost."""
+    top = ranked(largest(v.analysis.summaries))
+    return _accuracy_notes(v, top) + [_gap_note(top)] + _cost_notes(v, top)
+
+
+def _accuracy(s: Summary) -> str:
+    a = s.val_accuracy
+    return f"{s.configuration} {_pct(a.mean)}" + (f" ± {100 * a.std:.1f}" if len(s.rows) > 1 else "")
+
+
+def _accuracy_notes(v: View, top: list[Summary]) -> list[str]:
+    seeds = v.seeds
+    over = f" (mean ± standard deviation over {seeds} seeds)" if seeds > 1 else ""
+    notes = [f"Validation accuracy{over}: " + ", ".join(_accuracy(s) for s in top) + "."]
+    if len(top) > 1:
+        best, second = top[0], top[1]
+        paired = Paired.test(best.right(v.labels), second.right(v.labels))
+        margin = best.val_accuracy.mean - second.val_accuracy.mean
+        images = compare_images(best.configuration, second.configuration, paired, seeds)
+        if margin > 0:
+            notes.append(f"{best.configuration} scored highest, {_points(margin)} ahead of {second.configuration}: "
+                         f"{images}.")
+        else:
+            loss = (f"{best.configuration} ranks first on its lower validation loss ({best.val_loss.mean:.4f} vs "
+                    f"{second.val_loss.mean:.4f})" if best.val_loss.mean < second.val_loss.mean else
+                    f"their validation losses are equal too, so {best.configuration} ranks first only by order")
+            notes.append(f"{best.configuration} and {second.configuration} tied on validation accuracy "
+                         f"({_pct(best.val_accuracy.mean)}): {images}; {loss}.")
+    lowest = min(top, key=lambda s: s.val_loss.mean)
+    if lowest is not top[0] and lowest.val_loss.mean < top[0].val_loss.mean:
+        notes.append(f"The lowest validation loss is {lowest.configuration}'s ({lowest.val_loss.mean:.4f}; "
+                     f"{top[0].configuration}: {top[0].val_loss.mean:.4f}).")
+    if v.c.splits.test:
+        n = len(v.c.splits.test)
+        by_test = sorted(top, key=lambda s: -s.test_accuracy.mean)
+        leaders = [s for s in by_test if s.test_accuracy.mean == by_test[0].test_accuracy.mean]
+        if len(top) == 1:
+            where = ""
+        elif top[0] in leaders:
+            where = f"; {top[0].configuration} is {'joint ' if len(leaders) > 1 else ''}best there too"
+        else:
+            names = " and ".join(s.configuration for s in leaders)
+            where = f"; {names} {'leads' if len(leaders) == 1 else 'lead'} there"
+        notes.append(f"Test accuracy ({n:,} images, 95% Wilson intervals): " + ", ".join(
+            f"{s.configuration} {_pct(s.test_accuracy.mean)} ({_interval(wilson(s.test_accuracy.mean, n))})"
+            for s in by_test) + f"{where}.")
     return notes
 
 
-def _gap_note(rows: list[dict]) -> str:
-    gaps = {r["strategy"]: r["train_accuracy"] - r["val_accuracy"] for r in rows}
+def _gap_note(top: list[Summary]) -> str:
+    gaps = {s.configuration: s.gap for s in top}
+    widest = f"; widest: {max(gaps, key=gaps.get)}" if len(set(gaps.values())) > 1 else ""
     negative = (" A negative gap means training accuracy, measured with dropout (and augmentation) on, trailed "
                 "validation." if min(gaps.values()) < 0 else "")
     return ("Overfitting gap, training minus validation accuracy: "
-            + ", ".join(f"{name} {_points(g)}" for name, g in gaps.items())
-            + f"; widest: {max(gaps, key=gaps.get)}.{negative}")
+            + ", ".join(f"{name} {_points(g)}" for name, g in gaps.items()) + f"{widest}.{negative}")
 
 
-def _cost_notes(c: Comparison, best: dict, versus) -> list[str]:
-    fastest = min(c.rows, key=lambda r: r["train_seconds"])
+def _cost_notes(v: View, top: list[Summary]) -> list[str]:
+    by_time = sorted(top, key=lambda s: s.fit_seconds.mean)
+    fastest, best = by_time[0], top[0]
 
-    def times(r: dict) -> str:
-        return f"{r['train_seconds'] / fastest['train_seconds']:.1f}×"
+    def times(s: Summary) -> str:
+        return _times(s.fit_seconds.mean / max(fastest.fit_seconds.mean, 1e-9))
 
-    notes = [f"Training time: {fastest['strategy']} {_seconds(fastest['train_seconds'])} (fastest)" + "".join(
-        f"; {r['strategy']} {_seconds(r['train_seconds'])} ({times(r)} {fastest['strategy']})"
-        for r in c.rows if r is not fastest) + "."]
+    notes = [f"Training time of the epochs: {fastest.configuration} {_seconds(fastest.fit_seconds.mean)}"
+             + (" (fastest)" if len(top) > 1 else "") + "".join(
+                 f"; {s.configuration} {_seconds(s.fit_seconds.mean)} ({times(s)})" for s in by_time[1:]) + "."]
     if fastest is not best:
-        gain = best["val_accuracy"] - fastest["val_accuracy"]
-        bought = f"{_points(gain)} over" if gain else "no accuracy over"
-        notes.append(f"{best['strategy']} bought {bought} {fastest['strategy']} with {times(best)} the time; "
-                     f"it was {versus(fastest)}.")
-    computed = [f"{r['strategy']} {r['features_computed']}" for r in c.rows if r["features_computed"]]
+        paired = Paired.test(best.right(v.labels), fastest.right(v.labels))
+        gain = best.val_accuracy.mean - fastest.val_accuracy.mean
+        bought = f"gained {_points(gain)} over" if gain > 0 else "gained no validation accuracy over"
+        said = fastest is top[1]  # the accuracy notes compared these two already
+        clause = "" if said else ": " + compare_images(best.configuration, fastest.configuration, paired, v.seeds)
+        notes.append(f"{best.configuration} {bought} {fastest.configuration} for {times(best)} its epochs' time"
+                     f"{clause}.")
+    main = v.main
+    computed = [f"{r.name} {r.features_computed}" for r in v.c.rows if r.features_computed]
     if computed:
-        notes.append("Times include computing the frozen-prefix features that were not cached yet (arrays computed: "
-                     + ", ".join(computed) + "); other strategies read them from the shared cache.")
-    elif c.config.cache and any(s["frozen"] for r in c.rows for s in r["stages"]):
+        listed = ", ".join(computed[:6]) + (f" and {len(computed) - 6} more points" if len(computed) > 6 else "")
+        notes.append(f"The frozen-prefix features were computed once for the whole comparison, "
+                     f"{_many(v.c.features_computed, 'array')} in all (by {listed}); every other point read them from "
+                     "the shared cache. Total times include that work, the epochs' times do not.")
+    elif v.c.config.cache and any(s.frozen for r in main for s in r.stages):
         notes.append("Every frozen-prefix feature array came from the feature cache, filled by an earlier run: the "
-                     "times of strategies with frozen blocks do not include running those blocks once.")
+                     "times of configurations with frozen blocks do not include running those blocks once.")
     notes.append("Trainable parameters: " + ", ".join(
-        f"{r['strategy']} {r['trainable_params']:,} ({_pct(r['trainable_params'] / r['total_params'])})"
-        for r in c.rows) + ".")
-    still = [r["strategy"] for r in c.rows if r["best_epoch"] == r["epochs_run"]]
+        f"{r.configuration} {r.trainable_params:,} ({_pct(r.trainable_params / r.total_params)})" for r in main) + ".")
+    still = [r.configuration for r in main if r.best_epoch == r.epochs_run]
     if still:
         notes.append(f"Validation loss was still falling at the last epoch for {', '.join(still)}: "
                      "more epochs may help.")
-    stopped = [f"{r['strategy']} after epoch {r['epochs_run']} (best {r['best_epoch']})" for r in c.rows
-               if r["epochs_run"] < sum(s["epochs"] for s in r["stages"])]
+    stopped = [f"{r.configuration} after epoch {r.epochs_run} (best {r.best_epoch})" for r in main
+               if r.epochs_run < sum(s.epochs for s in r.stages)]
     if stopped:
         notes.append("Early stopping ended " + ", ".join(stopped) + ".")
     return notes
 
 
+def summary_table(v: View) -> list[list[str]]:
+    """One row per configuration and training size: mean (± standard deviation over seeds) of what matters;
+    accuracies in percent."""
+    seeds, sizes, test = v.seeds > 1, len(v.sizes) > 1, v.c.splits.test is not None
+    ks = sorted(v.main[0].val.top_k)
+
+    def spread(s: Summary, value, scale: float = 100, digits: int = 1) -> str:
+        x = s.spread(value)
+        return f"{scale * x.mean:.{digits}f}" + (f" ± {scale * x.std:.{digits}f}" if len(s.rows) > 1 else "")
+
+    header = (["configuration"] + ["train images"] * sizes + ["seeds"] * seeds
+              + ["blocks", "trainable", "train acc %", "val acc %", "val loss", "val F1 %"]
+              + [f"val top-{k} %" for k in ks] + ["test acc %", "test 95% CI"] * test + ["epochs' s", "total s"])
+    rows = [header]
+    for s in v.analysis.summaries:
+        r = s.first
+        rows.append([s.configuration] + [f"{r.train_images:,}"] * sizes + [str(len(s.rows))] * seeds
+                    + [str(r.blocks_trained), f"{r.trainable_params:,}", spread(s, lambda r: r.train_accuracy),
+                       spread(s, lambda r: r.val.accuracy), spread(s, lambda r: r.val.loss, 1, 4),
+                       spread(s, lambda r: r.val.f1)] + [spread(s, lambda r, k=k: r.val.top_k[k]) for k in ks]
+                    + ([spread(s, lambda r: r.test.accuracy), _interval(wilson(s.test_accuracy.mean,
+                                                                               len(v.c.splits.test)))] if test else [])
+                    + [f"{s.fit_seconds.mean:.1f}", f"{s.train_seconds.mean:.1f}"])
+    return rows
+
+
+def _points_table(rows: list[Row]) -> list[list[str]]:
+    """Every point, one line each, as comparison.csv has them."""
+    flat = [r.flat() for r in rows]
+    columns = [k for k in flat[0] if k not in ("configuration", "strategy")]
+
+    def cell(x) -> str:
+        return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+    return [[k.replace("_", " ") for k in columns]] + [[cell(f.get(k)) for k in columns] for f in flat]
+
+
+def per_class_table(v: View) -> list[list[str]]:
+    """The best model's precision, recall and F1 per class, and what each class is most often taken for."""
+    pred = v.best.val_probs.argmax(1)
+    k = len(v.classes)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(v.labels, pred, labels=range(k),
+                                                                         zero_division=0)
+    m = np.array(v.best.val.confusion)
+    rows = [["class", "images", "precision", "recall", "F1", "most often taken for"]]
+    for i, name in enumerate(v.classes):
+        off = m[i].copy()
+        off[i] = 0
+        taken = f"{v.classes[off.argmax()]} ({off.max()})" if off.max() else "-"
+        rows.append([name, f"{support[i]:,}", f"{precision[i]:.3f}", f"{recall[i]:.3f}", f"{f1[i]:.3f}", taken])
+    return rows
+
+
+def confused_pairs(v: View, count: int = 8) -> list[list[str]]:
+    """The best model's most frequent confusions, true class -> predicted class."""
+    m = np.array(v.best.val.confusion)
+    pairs = sorted(((m[i, j], i, j) for i in range(len(m)) for j in range(len(m)) if i != j and m[i, j]), reverse=True)
+    return [["true class", "taken for", "images", "share of the true class"]] + [
+        [v.classes[i], v.classes[j], str(n), _pct(n / m[i].sum())] for n, i, j in pairs[:count]]
+
+
+def _sections(v: View, figures: list[str]) -> list[Section]:
+    def present(*names: str) -> list[str]:
+        return [n for n in names if n in figures]
+
+    c = v.c
+    stages = [["configuration", "stage", "trains", "max epochs", "head lr", "backbone lr"]] + [
+        [r.configuration, str(i), _trains(c.blocks, s.frozen), str(s.epochs), f"{s.head_lr:g}",
+         f"{s.backbone_lr:g}" if s.frozen < len(c.blocks) else "-"] for r in v.main for i, s in enumerate(r.stages, 1)]
+    flawless = [] if "mistakes" in figures else [
+        f"{v.best.configuration} (the best model) gets all {len(c.splits.val):,} validation images right, so there "
+        "is no gallery of its mistakes."]
+    many = len(v.classes) > 2
+    pairs = confused_pairs(v)
+    results_note = ("train acc: running accuracy during the best epoch (dropout and augmentation on). val and test: "
+                    "the restored best model. epochs' s: training epochs with their validation passes; total s: "
+                    "the whole run here, including any frozen-prefix features it computed for the others."
+                    + (" Mean ± standard deviation over seeds." if v.seeds > 1 else ""))
+    sections = [
+        Section("Recommendation", recommendation_notes(v)),
+        Section("Results", [results_note], table=summary_table(v)),
+        Section("Observations", observations(v)),
+        Section("Depth: how many blocks to train", figures=present("depth")),
+        Section("Learning curves: accuracy against training images", figures=present("learning_curve")),
+        Section("Training curves", figures=present("val_accuracy", "val_loss", "train_vs_val")),
+        Section(f"Classes: {v.best.configuration}, the best model, on the validation images",
+                table=per_class_table(v) if many else None,
+                tables=[("Most confused pairs", pairs)] if len(pairs) > 1 else [],
+                figures=present("confusion", "roc")),
+        Section("Cost", table=stages, figures=present("accuracy_vs_time", "blocks")),
+        Section("Where the models look (Grad-CAM)", flawless, figures=present("gradcam", "mistakes")),
+    ]
+    if len(c.rows) > len(v.analysis.summaries):
+        sections.append(Section(f"Every run ({len(c.rows)})", table=_points_table(c.rows), collapsed=True))
+    return [s for s in sections if s.points or s.table or s.figures] + [
+        Section("Set-up", table=[["", ""]] + _setup(v), collapsed=True)]
+
+
+def _trains(blocks: list[str], frozen: int) -> str:
+    names = blocks[frozen:]
+    return " + ".join(([f"all {len(blocks)} blocks"] if frozen == 0 else names) + ["head"])
+
+
+def _setup(v: View) -> list[list[str]]:
+    """Every setting as the runs used it: values, never 'default'."""
+    c, cfg, s = v.c, v.c.config, v.c.splits
+    summary = s.summary()
+    skipped, duplicates = summary["skipped"], summary["duplicates"]
+    pre = c.preprocessing
+    stages = [st for r in v.main for st in r.stages]
+    sources: dict[str, list[str]] = {}
+    for r in v.main:
+        sources.setdefault(r.weights, []).append(r.configuration)
+    val_from = (f"folder {s.val.root}" if s.val.root != s.train.root
+                else f"{cfg.val_split:.0%} of the training folder, stratified, seed {cfg.seed}")
+    two_stage = [st.epochs for r in v.main if len(r.stages) > 1 for st in r.stages[:1]]
+    backbone_lrs = sorted({st.backbone_lr for st in stages if st.frozen < len(c.blocks)})
+    device = c.device
+
+    def counts(images) -> str:
+        return f"{len(images):,} (" + ", ".join(f"{k} {n:,}" for k, n in images.counts().items()) + ")"
+
+    sweep = c.sweep
+    return [
+        ["training images", f"{counts(s.train)} from {s.train.root}"],
+        *([["training sizes", ", ".join(size_label(x) for x in sweep.sizes) + f": nested, class-balanced subsets "
+            f"(seed {cfg.seed})"]] if len(sweep.sizes) > 1 else []),
+        ["validation images", f"{counts(s.val)}, {val_from}"],
+        *([["test images", f"{counts(s.test)} from {s.test.root}"]] if s.test else []),
+        ["skipped files", f"{len(skipped)}" + "".join(f"; {x['split']}: {x['path']} ({x['reason']})"
+                                                      for x in skipped[:10])
+         + (f"; {len(skipped) - 10} more in comparison.json" if len(skipped) > 10 else "")],
+        ["duplicates across splits", f"{len(duplicates)}" + "".join(f"; {d['a']} = {d['b']}" for d in duplicates[:5])],
+        ["backbone", f"{cfg.backbone}: {len(c.blocks)} blocks ({', '.join(c.blocks)})"],
+        ["weights", "; ".join(f"{src}: {', '.join(names)}" for src, names in sources.items())],
+        ["input", f"{pre.size} px (short side resized to {pre.resize}, {pre.interpolation}, centre crop), "
+                  f"{'BGR, ' if pre.channels == 'BGR' else ''}mean {_floats(pre.mean)}, std {_floats(pre.std)}"],
+        ["seeds", (", ".join(map(str, sweep.seeds)) + " (initialisation, order and augmentation; the split and "
+                   f"subsets use seed {cfg.seed})") if sweep.seeds else str(cfg.seed)],
+        ["epochs", f"{cfg.epochs} at most" + (f"; two-stage head epochs {two_stage[0]}" if two_stage else "")],
+        ["early stopping", f"after {cfg.patience} epochs without a lower validation loss" if cfg.patience else "off"],
+        ["batch size", str(cfg.batch_size)],
+        ["augmentation", cfg.augment + (f", {cfg.cache_views} cached views per image"
+                                        if cfg.augment != "none" and cfg.cache else "")],
+        ["head", f"{cfg.head}, dropout {cfg.dropout:g}"],
+        ["learning rates (AdamW)", f"head {', '.join(f'{x:g}' for x in sorted({st.head_lr for st in stages}))}"
+         + (f"; trained blocks {', '.join(f'{x:g}' for x in backbone_lrs)}" if backbone_lrs else "")
+         + (f", times {cfg.lr_decay:g} per block further down" if cfg.lr_decay != 1 else "")],
+        ["BatchNorm in trained blocks", "updates its statistics" if cfg.train_bn else "inference mode (frozen statistics)"],
+        ["frozen-prefix cache", "on" if cfg.cache else "off"],
+        ["device", f"{device['name']} ({device['device']}); autocast {device['amp']}, channels_last "
+                   f"{_on(device['channels_last'])}, folded BatchNorm {_on(device['fold_bn'])}, GPU decoding "
+                   f"{_on(device['gpu_decode'])}, {device['workers']} decoding workers; torch {device['torch']}"],
+    ]
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+# ---------------------------------------------------------------- rendering
+
+
 def _cell(tag: str, text: str, numbers_right: bool) -> str:
-    align = ' class="n"' if numbers_right and re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?%?", text) else ""
+    align = ' class="n"' if numbers_right and re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?%?( ± [\d.]+)?", text) else ""
     return f"<{tag}{align}>{html.escape(text)}</{tag}>"
 
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}.wide{overflow-x:auto}table{border-collapse:collapse;margin:.8em 0;
 font-size:.88em}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}
-.n{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1.5em 0}img{max-width:100%}
-figcaption{color:#555;font-size:.95em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
+th{background:#f3f3f3}caption{text-align:left;font-weight:600;padding:.3em 0}
+.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}figure{margin:1.5em 0}img{max-width:100%}
+figcaption{color:#555;font-size:.95em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+summary h2{display:inline;border:none}summary{cursor:pointer;margin-top:1.6em}"""
+
+
+def _html_table(table: list[list[str]], caption: str = "") -> str:
+    head, *body = table
+    numeric = any(head)  # a key/value table (no header) reads better left-aligned
+    header = "<tr>" + "".join(_cell("th", h, numeric) for h in head) + "</tr>" if numeric else ""
+    return ("<div class='wide'><table>" + (f"<caption>{html.escape(caption)}</caption>" if caption else "") + header
+            + "".join("<tr>" + "".join(_cell("td", c, numeric) for c in row) + "</tr>" for row in body)
+            + "</table></div>")
 
 
 def render_html(title: str, sections: list[Section], captions: dict[str, str], pngs: dict[str, bytes]) -> str:
-    """One file with every image inside it as a base64 data URI."""
+    """One file with every image inside it as a base64 data URI; collapsed sections fold away."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for s in sections:
-        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        heading = f"<h2>{html.escape(s.title)}</h2>"
+        parts.append(f"<details><summary>{heading}</summary>" if s.collapsed else heading)
         if s.points:
             parts.append("<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in s.points) + "</ul>")
         if s.table:
-            head, *body = s.table
-            numeric = any(head)  # a key/value table (no header) reads better left-aligned
-            header = "<tr>" + "".join(_cell("th", h, numeric) for h in head) + "</tr>" if numeric else ""
-            parts.append("<div class='wide'><table>" + header + "".join(
-                "<tr>" + "".join(_cell("td", c, numeric) for c in row) + "</tr>" for row in body) + "</table></div>")
+            parts.append(_html_table(s.table))
+        parts += [_html_table(t, caption) for caption, t in s.tables]
         for name in s.figures:
             data = base64.b64encode(pngs[name]).decode()
             parts.append(f"<figure><img alt='{html.escape(captions[name])}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(captions[name])}</figcaption></figure>")
+        if s.collapsed:
+            parts.append("</details>")
     return "\n".join(parts + ["</body></html>"])
 
 
@@ -290,276 +475,17 @@ def render_markdown(title: str, sections: list[Section], captions: dict[str, str
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+    def table(t: list[list[str]]) -> list[str]:
+        return ["", row(t[0]), row(["---"] * len(t[0]))] + [row(r) for r in t[1:]]
+
     lines = [f"# {title}"]
     for s in sections:
         lines += ["", f"## {s.title}", ""]
         lines += [f"- {p}" for p in s.points]
         if s.table:
-            lines += ["", row(s.table[0]), row(["---"] * len(s.table[0]))] + [row(r) for r in s.table[1:]]
+            lines += table(s.table)
+        for caption, t in s.tables:
+            lines += ["", f"**{caption}**"] + table(t)
         for name in s.figures:
             lines += ["", f"![{captions[name]}](plots/{name}.png)", "", f"*{captions[name]}*"]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _figures(c: Comparison) -> dict[str, tuple[str, Figure]]:
-    """name -> (caption, figure), in report order."""
-    labels, classes = np.array(c.splits.val.labels), len(c.splits.classes)
-    best = c.best["strategy"]
-    staged = any(len(r["stages"]) > 1 for r in c.rows)
-    averaged = "" if classes == 2 else f", one-vs-rest and micro-averaged over the {classes} classes"
-    figures = {
-        "val_accuracy": ("Validation accuracy per epoch; a star marks the best epoch, the one each model was "
-                         "restored to.", _curves(c.rows, "val_accuracy", "Validation accuracy")),
-        "val_loss": ("Validation loss per epoch (lower is better); early stopping and best-epoch restore use it.",
-                     _curves(c.rows, "val_loss", "Validation loss")),
-        "train_vs_val": ("Training vs validation, per strategy: a widening gap is overfitting."
-                         + (" Dotted line: the next stage unfreezes blocks." if staged else ""), _train_vs_val(c.rows)),
-        "confusion": ("Confusion matrices on the validation set (rows: true class, columns: predicted).",
-                      _confusions(c.rows, c.splits.classes)),
-        "roc": (f"ROC curves on the validation set{averaged}; on the right, the corner where they differ.",
-                _roc(c.rows, c.val_probs, labels, classes)),
-        "accuracy_vs_time": ("Validation accuracy against training time: up and to the left is better."
-                             + _shared_features(c.rows), _accuracy_vs_time(c.rows)),
-        "blocks": ("Which blocks each strategy trains (green) and keeps frozen (grey), per stage.",
-                   _blocks(c.rows, c.blocks)),
-    }
-    pick = _sample(labels, GRADCAM_IMAGES, c.config.seed)
-    figures["gradcam"] = (
-        "Grad-CAM on a few validation images: where each strategy's model looks for the class it predicts "
-        "(red = strongest). Green title: right, red: wrong.", _gradcam_grid(c, pick))
-    wrong = np.flatnonzero(c.val_probs[best].argmax(1) != labels)
-    if len(wrong):
-        figures["mistakes"] = (
-            f"Validation images that {best} (the best model) gets wrong, most confident first, each beside its "
-            "Grad-CAM.",
-            _mistakes(c, wrong))
-    return figures
-
-
-def _shared_features(rows: list[dict]) -> str:
-    """Which strategies paid for the frozen-prefix features that others then read, when some did."""
-    computed = [r["strategy"] for r in rows if r["features_computed"]]
-    readers = [r["strategy"] for r in rows if not r["features_computed"] and any(s["frozen"] for s in r["stages"])]
-    if not computed or not readers:
-        return ""
-    return (f" The time of {', '.join(computed)} includes computing frozen-prefix features that "
-            f"{', '.join(readers)} then read from the cache.")
-
-
-def _curves(rows: list[dict], key: str, title: str) -> Figure:
-    fig = Figure(figsize=(8, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    for i, r in enumerate(rows):  # earlier curves wider, so one that coincides with a later one still shows
-        color, wide = COLORS[r["strategy"]], len(rows) - i
-        ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], "-", marker=MARKERS[r["strategy"]],
-                lw=0.6 + 0.6 * wide, ms=2.5 + 1.5 * wide, color=color, label=r["strategy"])
-        best = r["history"][r["best_epoch"] - 1]
-        ax.plot(best["epoch"], best[key], "*", ms=16, color=color, mec="black", mew=0.8)
-    ax.set(title=f"{title} per epoch", xlabel="epoch", ylabel=title.lower())
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if "accuracy" in key:
-        ax.yaxis.set_major_formatter(PERCENT)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-def _train_vs_val(rows: list[dict]) -> Figure:
-    fig = Figure(figsize=(10, 2.4 * len(rows) + 0.4), layout="constrained")
-    axes = fig.subplots(len(rows), 2, squeeze=False)
-    for r, pair in zip(rows, axes):
-        history = r["history"]
-        epochs = [h["epoch"] for h in history]
-        unfreeze = [h["epoch"] - 0.5 for prev, h in zip(history, history[1:]) if h["stage"] != prev["stage"]]
-        for ax, metric in zip(pair, ("accuracy", "loss")):
-            ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o--", ms=3, color="tab:gray", label="train")
-            ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", ms=3, color=COLORS[r["strategy"]],
-                    label="validation")
-            for x in unfreeze:
-                ax.axvline(x, ls=":", color="black")
-            ax.set_title(f"{r['strategy']}: {metric}", fontsize=10)
-            if metric == "accuracy":
-                ax.yaxis.set_major_formatter(PERCENT)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
-    return fig
-
-
-def _grid(n: int, columns: int, cell: tuple[float, float]) -> tuple[Figure, list]:
-    """A figure of n axes in rows of `columns`; unused cells hidden."""
-    rows = -(-n // columns)
-    columns = min(n, columns)
-    fig = Figure(figsize=(cell[0] * columns, cell[1] * rows), layout="constrained")
-    axes = list(fig.subplots(rows, columns, squeeze=False).ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def _confusions(rows: list[dict], classes: list[str]) -> Figure:
-    fig, axes = _grid(len(rows), -(-len(rows) // -(-len(rows) // 4)), (3.6, 3.4))  # at most 4 a row, rows even
-    for r, ax in zip(rows, axes):
-        m = np.array(r["val_confusion_matrix"])
-        ax.imshow(m, cmap="Blues", vmin=0)
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=11,
-                    color="white" if v > m.max() / 2 else "black")
-        ticks = range(len(classes))
-        slanted = len(classes) > 3
-        ax.set_xticks(ticks, classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
-        ax.set_yticks(ticks, classes)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{r['strategy']}: {_pct(r['val_accuracy'])}")
-    return fig
-
-
-def _roc(rows: list[dict], probs: dict[str, np.ndarray], labels: np.ndarray, classes: int) -> Figure:
-    """Binary: the second class is positive. Multi-class: one-vs-rest, micro-averaged. The right panel zooms
-    into the corner where good models differ: from the lowest true positive rate before any false positive to
-    the false positive rate at which the last curve finds every positive."""
-    curves = {}
-    for r in rows:
-        p = probs[r["strategy"]]
-        truth, score = (labels, p[:, 1]) if classes == 2 else (np.eye(classes)[labels].ravel(), p.ravel())
-        curves[r["strategy"]] = skm.roc_curve(truth, score)[:2]
-    width = max(0.01, max(fpr[np.argmax(tpr >= 1)] for fpr, tpr in curves.values()))
-    height = max(0.01, 1 - min(tpr[fpr == 0].max() for fpr, tpr in curves.values()))
-    fig = Figure(figsize=(11, 5), layout="constrained")
-    whole, corner = fig.subplots(1, 2)
-    for i, (name, (fpr, tpr)) in enumerate(curves.items()):
-        for ax in (whole, corner):
-            ax.plot(fpr, tpr, color=COLORS[name], lw=0.8 + 0.7 * (len(curves) - i),
-                    label=f"{name} (AUC {skm.auc(fpr, tpr):.4f})")
-    whole.plot([0, 1], [0, 1], ":", color="gray", label="chance")
-    averaged = "" if classes == 2 else " (one-vs-rest, micro-averaged)"
-    whole.set(title=f"ROC on the validation set{averaged}", xlabel="false positive rate", ylabel="true positive rate")
-    corner.set(title="Zoom on the top-left corner", xlabel="false positive rate",
-               xlim=(-0.05 * width, 1.1 * width), ylim=(1 - 1.15 * height, 1 + 0.05 * height))
-    corner.legend(loc="lower right")
-    for ax in (whole, corner):
-        ax.grid(alpha=0.3)
-    return fig
-
-
-def _accuracy_vs_time(rows: list[dict]) -> Figure:
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    for r in rows:
-        ax.scatter(r["train_seconds"], r["val_accuracy"], s=110, color=COLORS[r["strategy"]], edgecolor="black",
-                   marker=MARKERS[r["strategy"]], label=r["strategy"])
-    seconds = [r["train_seconds"] for r in rows]
-    if max(seconds) > 20 * min(seconds):
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.yaxis.set_major_formatter(PERCENT)
-    ax.margins(x=0.15, y=0.2)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 1.005))
-    ax.legend()
-    ax.set(title="Accuracy vs training time", xlabel="training time (s)", ylabel="validation accuracy")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _blocks(rows: list[dict], blocks: list[str]) -> Figure:
-    lines = [(r["strategy"] + (f" · stage {i}" if len(r["stages"]) > 1 else "")
-              + (" (random init)" if r["weights"].startswith("none") else ""), s)
-             for r in rows for i, s in enumerate(r["stages"], 1)]
-    trained = np.array([[i >= s["frozen"] for i in range(len(blocks))] + [True] for _, s in lines])
-    fig = Figure(figsize=(max(7.0, 0.55 * len(blocks) + 3), 0.45 * len(lines) + 1.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(trained, cmap=ListedColormap(["#d9d9d9", "#2ca02c"]), vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(blocks) + 1), blocks + ["head"], rotation=45, ha="right")
-    ax.set_yticks(range(len(lines)), [name for name, _ in lines])
-    ax.set_xticks(np.arange(-0.5, len(blocks) + 1), minor=True)
-    ax.set_yticks(np.arange(-0.5, len(lines)), minor=True)
-    ax.grid(which="minor", color="white", lw=2)
-    ax.tick_params(which="both", length=0)
-    ax.set_title("Blocks trained per strategy (input on the left)")
-    fig.legend(handles=[Patch(color="#2ca02c", label="trained"), Patch(color="#d9d9d9", label="frozen")],
-               loc="outside lower center", ncols=2)
-    return fig
-
-
-# ---------------------------------------------------------------- Grad-CAM
-
-
-def grad_cam(model: Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """([N, H, W] heatmaps in [0, 1], [N, classes] probabilities) for uint8 images [N, 3, H, W].
-
-    The gradient of the predicted class's score is taken at the last block's output, so only the head is
-    differentiated. A one-logit binary head scores class 1 with +logit and class 0 with -logit.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        features = model.features(images.to(device)).float()
-    features.requires_grad_()
-    logits = model.head(features).float()
-    probs = probabilities(logits.detach())
-    predicted = probs.argmax(1)
-    score = logits[:, 0] * (2 * predicted - 1) if logits.shape[1] == 1 else logits.gather(1, predicted[:, None])[:, 0]
-    (grads,) = torch.autograd.grad(score.sum(), features)
-    cam = F.relu((grads.mean((2, 3), keepdim=True) * features).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)
-    return cam.detach().cpu().numpy(), probs.cpu().numpy()
-
-
-def _sample(labels: np.ndarray, count: int, seed: int) -> list[int]:
-    """`count` validation images, the classes taking turns, chosen by the seed."""
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(np.flatnonzero(labels == k)).tolist() for k in np.unique(labels)]
-    return [i for group in itertools.zip_longest(*by_class) for i in group if i is not None][:count]
-
-
-def _images(c: Comparison, indices) -> torch.Tensor:
-    """The validation images as the models see them: resized, centre-cropped, uint8."""
-    dataset = ImageDataset(c.splits.val.subset(indices), c.preprocessing)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
-
-
-def _show(ax, image: torch.Tensor, cam: np.ndarray | None, title: str, color: str = "black") -> None:
-    ax.imshow(image.permute(1, 2, 0).numpy())
-    if cam is not None:
-        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-    ax.set_title(title, fontsize=9, color=color)
-    ax.set_axis_off()
-
-
-def _gradcam_grid(c: Comparison, indices: list[int]) -> Figure:
-    images, classes = _images(c, indices), c.splits.classes
-    truth = [c.splits.val.labels[i] for i in indices]
-    fig = Figure(figsize=(2.1 * (len(c.runs) + 1), 2.25 * len(indices)), layout="constrained")
-    axes = fig.subplots(len(indices), len(c.runs) + 1, squeeze=False)
-    for row, (image, label) in enumerate(zip(images, truth)):
-        _show(axes[row][0], image, None, ("image\n" if row == 0 else "") + f"true: {classes[label]}")
-    for col, (name, run) in enumerate(c.runs.items(), 1):
-        cams, probs = grad_cam(run.model, images)
-        for row, (cam, p, label) in enumerate(zip(cams, probs, truth)):
-            k = int(p.argmax())
-            _show(axes[row][col], images[row], cam, (f"{name}\n" if row == 0 else "") + f"{classes[k]} {p[k]:.2f}",
-                  "tab:green" if k == label else "tab:red")
-    return fig
-
-
-def _mistakes(c: Comparison, wrong: np.ndarray) -> Figure:
-    """Each wrong image twice: as it is (is the label right?) and with the best model's Grad-CAM."""
-    best, classes = c.best["strategy"], c.splits.classes
-    probs = c.val_probs[best]
-    shown = wrong[np.argsort(-probs[wrong].max(1))][:MISTAKES_SHOWN].tolist()
-    images = _images(c, shown)
-    cams, _ = grad_cam(c.runs[best].model, images)
-    fig, axes = _grid(2 * len(shown), 6, (2.1, 2.3))
-    for plain, overlay, i, image, cam in zip(axes[::2], axes[1::2], shown, images, cams):
-        k = int(probs[i].argmax())
-        truth = classes[c.splits.val.labels[i]]
-        _show(plain, image, None, f"true {truth}\n→ {classes[k]} {probs[i][k]:.2f}", "tab:red")
-        _show(overlay, image, cam, "\nGrad-CAM")
-    most = f", the {len(shown)} most confident shown" if len(shown) < len(wrong) else ""
-    fig.suptitle(f"{best} gets {len(wrong)} of {len(probs)} validation images wrong{most}")
-    return fig

@@ -59,6 +59,17 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         tmp.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
+def replace_dir(staging: Path, path: Path) -> None:
+    """Put a completely written folder in place of `path`, whose old files all go: nothing stale stays behind."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        os.replace(path, old)
+        os.replace(staging, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, path)
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     """Where an unfinished run keeps its checkpoint: beside RUN_DIR, hidden."""
     return run_dir.with_name(f".{run_dir.name}.checkpoint.safetensors")
@@ -102,6 +113,11 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise TransferlabError(f"{path} exists and is not a transferlab run directory; choose another --out")
     if occupied and not overwrite:
         raise TransferlabError(f"{path} already exists; pass --overwrite to replace it")
+    check_can_write(path)
+
+
+def check_can_write(path: Path) -> None:
+    """Fail now, not after the work, where `path` could not be created: a file in the way, no permission."""
     folder = path.parent
     while not folder.exists():  # the nearest folder that exists is where writing would start
         folder = folder.parent
@@ -157,13 +173,7 @@ class Run:
         except BaseException:  # a full disk or Ctrl-C: leave nothing half-written behind
             shutil.rmtree(staging)
             raise
-        if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
+        replace_dir(staging, path)
         self.path = path
         return path
 

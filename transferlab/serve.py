@@ -265,7 +265,7 @@ def _gradcam_png(run, path: Path) -> bytes:
     from matplotlib import colormaps
 
     from . import feeds
-    from .report import grad_cam
+    from .plots import grad_cam
 
     pre = run.preprocessing
     image = feeds.transforms(pre)(images.load_image(path, run.config.max_pixels, draft=pre.resize))

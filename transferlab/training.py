@@ -276,8 +276,10 @@ def train(config: TrainConfig, out: str | Path | None = None, splits: Splits | N
     return run
 
 
-def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
-    """Continue an interrupted run from its last finished epoch; it ends as the uninterrupted run would have."""
+def resume(out: str | Path, store: FeatureCache | None = None, splits: Splits | None = None,
+           device: Device | None = None) -> Run:
+    """Continue an interrupted run from its last finished epoch; it ends as the uninterrupted run would have.
+    `splits`: the images it began with, when they are not its config's own (a comparison's training subset)."""
     out = Path(out)
     path = checkpoint_path(out)
     if not path.is_file():
@@ -291,9 +293,10 @@ def resume(out: str | Path, store: FeatureCache | None = None) -> Run:
         raise TransferlabError(f"{out} was training in {processes} process(es) and continues only as it began: "
                                f"resume it {how}, or start again with --overwrite")
     config = TrainConfig.from_dict(meta["config"])
-    device = devices.resolve(config)
-    with distributed.main_first():
-        splits = load_splits(config)
+    device = device or devices.resolve(config)  # under torchrun, resolving joins the process group
+    if splits is None:
+        with distributed.main_first():
+            splits = load_splits(config)
     if splits.fingerprint() != meta["data"]:
         raise TransferlabError(f"the images for {out} changed since it was interrupted, so it cannot continue as it "
                                "began; start again with --overwrite")
