@@ -93,29 +93,29 @@ def compared(root) -> tuple[subprocess.CompletedProcess, tl.Comparison]:
 def test_compare_with_two_processes_writes_one_comparison_as_one_process_does(compared, root):
     two, one = compared
     assert two.returncode == 0 and clean(two), two.stderr
-    assert two.stdout.count("best: ") == 1  # only the main process prints
+    assert two.stdout.count("report: ") == 1  # only the main process prints
     out = root / "compare-two"
     assert run_dirs(out) == ["feature-extraction", "partial"]
     assert sorted(os.listdir(out)) == ["comparison.csv", "comparison.json", "feature-extraction", "partial", "plots",
-                                       "report.html", "report.md"]
-    rows = {r["strategy"]: r for r in json.loads((out / "comparison.json").read_text())["strategies"]}
+                                       "predictions", "report.html", "report.md"]
+    rows = {r["name"]: r for r in json.loads((out / "comparison.json").read_text())["points"]}
     for mine in one.rows:
-        row = rows[mine["strategy"]]
-        assert row["epochs_run"] == mine["epochs_run"] and tl.load(row["run_dir"]).info["device"]["processes"] == 2
-        for split, images in (("val", one.splits.val), ("test", one.splits.test)):
-            assert within_one_image(row[f"{split}_accuracy"], mine[f"{split}_accuracy"], len(images)), row
-        assert np.sum(row["val_confusion_matrix"]) == len(one.splits.val)  # every image once
-        right = row["test_accuracy"] * len(one.splits.test)  # a count of 7 images: none dropped or repeated
+        row = rows[mine.name]
+        assert row["epochs_run"] == mine.epochs_run and tl.load(out / mine.name).info["device"]["processes"] == 2
+        for split, images, scores in (("val", one.splits.val, mine.val), ("test", one.splits.test, mine.test)):
+            assert within_one_image(row[split]["accuracy"], scores.accuracy, len(images)), row
+        assert np.sum(row["val"]["confusion"]) == len(one.splits.val)  # every image once
+        right = row["test"]["accuracy"] * len(one.splits.test)  # a count of 7 images: none dropped or repeated
         assert len(one.splits.test) == 7 and abs(right - round(right)) < 1e-9, row
 
 
 def test_the_sharded_cache_is_the_single_process_cache_and_either_reuses_the_other(compared, root):
     two, _ = compared
-    rows = {r["strategy"]: r for r in json.loads((root / "compare-two" / "comparison.json").read_text())["strategies"]}
-    assert rows["feature-extraction"]["features_computed"] == 0  # two processes read one process's block 9
-    assert rows["partial"]["features_computed"] == 2  # and shared out block 8, train and validation
+    rows = {r["name"]: r for r in json.loads((root / "compare-two" / "comparison.json").read_text())["points"]}
+    assert rows["feature-extraction"]["features_computed"] == 1  # read one process's block 9; only test's is new
+    assert rows["partial"]["features_computed"] == 3  # and shared out block 8: train, validation and test
     shared, one = ({p.name: np.load(p) for p in (root / name).glob("*.npy")} for name in ("cache-shared", "cache-one"))
-    assert shared.keys() == one.keys() and len(one) == 4  # blocks 8 and 9, train and validation; no parts left
+    assert shared.keys() == one.keys() and len(one) == 6  # blocks 8 and 9 of the three splits; no parts left
     for name in one:  # equal up to float16 rounding: oneDNN rounds by thread count and batch size
         assert np.allclose(shared[name], one[name], rtol=2e-3, atol=1e-3), name
     again = tl.train(root / "data", strategy="partial", cache_dir=str(root / "cache-shared"), **ONE)

@@ -285,6 +285,7 @@ class Folder:
         resolved = self.out.resolve()  # `--out .` has no name of its own
         self.staging = resolved.with_name(f".{resolved.name}.comparing")
 
+    @distributed.main_only  # under torchrun the others find its refusal as the main process ending
     def begin(self, overwrite: bool) -> None:
         """Refuse what must not be replaced, before any work; then start an empty staging folder."""
         check_replaceable(self.out, overwrite)
