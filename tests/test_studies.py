@@ -268,3 +268,12 @@ def test_observations_with_seeds_sizes_and_a_test_set_read_as_sentences():
     curve = v.analysis.curve
     assert [s.train_size for s in curve.steps] == ["10", "all"]
     assert curve.from_size is None if not curve.steps[-1].beat else curve.from_size in ("10", "all")
+
+
+def test_a_compare_with_nothing_to_compare_says_which_flags_name_it():
+    from transferlab.studies import sweep
+
+    with pytest.raises(TransferlabError, match="say what to compare: --strategies .* or --unfreeze-blocks"):
+        sweep()
+    with pytest.raises(TransferlabError, match="name each strategy to compare once, got partial, partial"):
+        sweep("partial,partial")

@@ -57,8 +57,11 @@ def sweep(strategies: Sequence[str] | str | None = None, unfreeze_blocks=None, t
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise TransferlabError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    if not names or len(set(names)) != len(names):
-        raise TransferlabError(f"name each strategy to compare once, got {', '.join(names) or 'none'}")
+    if not names:
+        raise TransferlabError("say what to compare: --strategies (e.g. feature-extraction,partial,full) or "
+                               "--unfreeze-blocks (e.g. 0,1,2,all)")
+    if len(set(names)) != len(names):
+        raise TransferlabError(f"name each strategy to compare once, got {', '.join(names)}")
     if depths and not set(names) & set(DEPTH_STRATEGIES):
         raise TransferlabError("--unfreeze-blocks applies to partial and two-stage: add one to --strategies")
     return Sweep(tuple(names), _depths(depths), _sizes(_labels(train_sizes, "--train-sizes")),
