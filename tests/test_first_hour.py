@@ -88,6 +88,13 @@ def test_a_dataset_root_is_its_train_and_validation_folders(dataset_root, tmp_pa
     assert sum(r["split"] == "val" for r in run.split) == 6
 
 
+def test_a_comparison_on_a_dataset_root_is_titled_by_the_root(dataset_root, tmp_path):
+    comparison = tl.compare(dataset_root, "feature-extraction", tmp_path / "cmp", cache_dir=str(tmp_path / "cache"),
+                            **TINY)
+    title = (comparison.out / "report.md").read_text().splitlines()[0]
+    assert title == f"# Fine-tuning compared: {TINY['backbone']} on {dataset_root}"  # not .../photos/train
+
+
 def test_data_check_describes_a_dataset_root_split_by_split(dataset_root, capsys):
     assert cli.main(["data", "check", str(dataset_root)]) == 0
     out = capsys.readouterr().out

@@ -48,7 +48,7 @@ def write(c: Comparison) -> None:
         pngs[name] = buffer.getvalue()
         write_atomic(c.out / "plots" / f"{name}.png", pngs[name])
     captions = {name: caption for name, (caption, _) in drawn.items()}
-    title = f"Fine-tuning compared: {c.config.backbone} on {c.splits.train.root}"
+    title = f"Fine-tuning compared: {c.config.backbone} on {c.config.data}"  # the data as the user named it
     sections = _sections(v, list(drawn))
     write_atomic(c.out / "report.html", render_html(title, sections, captions, pngs))
     write_atomic(c.out / "report.md", render_markdown(title, sections, captions))
