@@ -22,8 +22,6 @@ import contextlib
 import dataclasses
 import difflib
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from .feeds import feature_store
 from .progress import note
 from .splits import load_splits
 from .strategies import STRATEGIES
-from .training import Interrupted
+from .training import Interrupted, sigterm_interrupts
 
 ALPHA = 0.05  # the significance level of every verdict
 DEPTH_STRATEGIES = ("partial", "two-stage")  # the strategies that --unfreeze-blocks applies to
@@ -199,7 +197,7 @@ def _sweep(folder: Folder, config: TrainConfig, sweep_: Sweep, points: list[Poin
            rows: list[Row], failures: list[Failure], fingerprint: str | None, finish: Finish | None) -> Comparison:
     """Train the points not yet done, then write the comparison (and, through `finish`, its report) and put it
     in place of OUT."""
-    with _cleanup_if_empty(folder, rows, failures), _sigterm_interrupts():
+    with _cleanup_if_empty(folder, rows, failures), sigterm_interrupts():  # SIGTERM stops it as Ctrl-C does
         device = devices.resolve(config)
         with distributed.main_first():  # the others then read the main process's scan records
             splits = load_splits(config, test)
@@ -264,18 +262,6 @@ def _cleanup_if_empty(folder: Folder, rows: list[Row], failures: list[Failure]) 
             if isinstance(e, Interrupted):
                 raise Interrupted("interrupted before any point finished; nothing was saved") from None
         raise
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler's time limit) stops a comparison as Ctrl-C does, with the same way to continue."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
 
 
 def compare(data, strategies=None, out=None, finish: Finish | None = None, **given) -> Comparison:

@@ -304,25 +304,34 @@ def resume(out: str | Path, store: FeatureCache | None = None, splits: Splits | 
 
 
 @contextlib.contextmanager
-def _interruptible(checkpoint: Path | None, out: str | Path | None) -> Iterator[None]:
-    """Ctrl-C, or SIGTERM (kill, a scheduler's time limit), stops training with an `Interrupted` that says
-    whether and how the run can continue; so does another process of the run stopping, under torchrun, which
-    then also sends SIGTERM to this process: the process ignores it, as it is stopping already, so that the
-    message gets out. Signal handlers can only be set from the main thread."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside, SIGTERM (kill, a scheduler's time limit) raises KeyboardInterrupt as Ctrl-C does. Afterwards the
+    handler before is back, unless something inside set another (a process that must ignore SIGTERM while it
+    stops keeps ignoring it). Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with distributed.watched():
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _interruptible(checkpoint: Path | None, out: str | Path | None) -> Iterator[None]:
+    """Ctrl-C, or SIGTERM, stops training with an `Interrupted` that says whether and how the run can continue;
+    so does another process of the run stopping, under torchrun, which then also sends SIGTERM to this process:
+    the process ignores it, as it is stopping already, so that the message gets out."""
+    try:
+        with sigterm_interrupts(), distributed.watched():
             yield
     except (KeyboardInterrupt, distributed.ProcessLost) as e:
-        if main and distributed.world_size() > 1:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            previous = signal.SIG_IGN  # and so it stays: the process ends with the message
+        if threading.current_thread() is threading.main_thread() and distributed.world_size() > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and so it stays: the process ends with the message
         if checkpoint is None:
             raise
         kept = (f"the finished epochs are saved: continue with `transferlab train --resume {out}`"
                 if checkpoint.exists() else "no epoch had finished, so nothing was saved")
         raise Interrupted(f"{e if isinstance(e, distributed.ProcessLost) else 'interrupted'}; {kept}") from None
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
